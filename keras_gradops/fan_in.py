@@ -1,0 +1,102 @@
+"""Which axes of a Keras weight hold one output unit's incoming weights.
+
+Gradient centralization and adaptive clipping work per output unit: one
+neuron of a Dense layer, one filter of a convolution. Keras stores the
+output unit on the LAST axis for Dense ``(in, out)``, Conv1D/2D/3D
+``(*k, in, out)``, SeparableConv pointwise kernels and RNN kernels, so by
+default the fan-in axes are all axes but the last. Some layers differ:
+
+| layer | kernel layout | fan-in axes |
+|---|---|---|
+| Conv1D/2D/3DTranspose | ``(*k, out, in)`` | the spatial axes and the last |
+| DepthwiseConv1D/2D, SeparableConv depthwise kernel | ``(*k, in, multiplier)`` | the spatial axes |
+| EinsumDense (and so MultiHeadAttention) | from the equation | kernel axes absent from the output |
+| Embedding | ``(vocab, dim)`` | none: rows have no incoming weights |
+
+A weight's fan-in axes can only be read from its layer, so for models with
+such layers build a mapping with :func:`fan_in_axes` and give it to an
+optimizer (``fan_in_axes=...``). A mapping value of ``None`` means "never
+centralize or unit-clip this weight".
+"""
+
+import keras
+
+
+def default_fan_in_axes(rank):
+    """All axes but the last: ``(0, ..., rank - 2)``; ``()`` for rank <= 1."""
+    return tuple(range(max(rank - 1, 0)))
+
+
+def _transpose_conv_axes(kernel):
+    rank = len(kernel.shape)
+    return tuple(a for a in range(rank) if a != rank - 2)
+
+
+def _spatial_axes(kernel):
+    return tuple(range(len(kernel.shape) - 2))
+
+
+def _einsum_axes(layer):
+    inputs, output = layer.equation.split("->")
+    kernel_spec = inputs.split(",")[1].replace("...", "")
+    output = output.replace("...", "")
+    return tuple(i for i, letter in enumerate(kernel_spec) if letter not in output)
+
+
+def _layer_rules(layer):
+    """(attribute name, fan-in axes or None) pairs for one layer's own weights."""
+    layers = keras.layers
+    if isinstance(layer, (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)):
+        return [("kernel", _transpose_conv_axes(layer.kernel))]
+    if isinstance(layer, (layers.DepthwiseConv1D, layers.DepthwiseConv2D)):
+        return [("kernel", _spatial_axes(layer.kernel))]
+    if isinstance(layer, (layers.SeparableConv1D, layers.SeparableConv2D)):
+        return [("depthwise_kernel", _spatial_axes(layer.depthwise_kernel))]
+    if isinstance(layer, layers.EinsumDense):
+        return [("kernel", _einsum_axes(layer))]
+    if isinstance(layer, layers.Embedding):
+        return [("embeddings", None)]
+    return []
+
+
+def fan_in_axes(model):
+    """Maps the path of every weight whose fan-in is not "all axes but the last".
+
+    Args:
+        model: a built ``keras.Model`` or ``keras.layers.Layer``.
+
+    Returns:
+        ``dict`` from ``variable.path`` to a tuple of axes, or to ``None`` for
+        weights that have no per-unit fan-in (``Embedding``). Weights absent
+        from the mapping use :func:`default_fan_in_axes`.
+
+    Raises:
+        TypeError: ``model`` is not a Keras layer or model.
+        ValueError: ``model`` is not built.
+
+    Example:
+        >>> layer = keras.layers.Conv2DTranspose(8, 3)
+        >>> layer.build((None, 5, 5, 4))
+        >>> list(fan_in_axes(layer).values())
+        [(0, 1, 3)]
+    """
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"`model` must be a Keras model or layer. Received: model={model!r}")
+    if not model.built:
+        raise ValueError(
+            f"`model` must be built before its fan-in axes can be read. Call it on "
+            f"data or `model.build(input_shape)` first. Received unbuilt: {model.name}"
+        )
+    mapping = {}
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        for attribute, axes in _layer_rules(layer):
+            mapping[getattr(layer, attribute).path] = axes
+    return mapping
+
+
+def resolve_fan_in_axes(variable, mapping=None):
+    """The fan-in axes of ``variable``: its entry in ``mapping`` or the default."""
+    if mapping and variable.path in mapping:
+        axes = mapping[variable.path]
+        return None if axes is None else tuple(axes)
+    return default_fan_in_axes(len(variable.shape))

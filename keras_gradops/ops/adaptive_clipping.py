@@ -1,0 +1,88 @@
+"""Adaptive gradient clipping (AGC).
+
+Brock, De, Smith & Simonyan, "High-Performance Large-Scale Image Recognition
+Without Normalization", ICML 2021 (arXiv:2102.06171), section 4.1.
+
+Per output unit ``i``: if ``||G_i|| / max(||W_i||, eps) > clipping``, the
+unit's gradient is scaled to norm ``clipping * max(||W_i||, eps)``; the
+gradient norm is floored at ``1e-6`` in the division.
+"""
+
+import tensorflow as tf
+
+from keras_gradops.fan_in import resolve_fan_in_axes
+from keras_gradops.ops._dtypes import to_float32, values_of
+
+GRADIENT_NORM_FLOOR = 1e-6
+
+
+def unitwise_norm(tensor, axes):
+    """L2 norm per output unit over ``axes`` (keepdims); over all axes if empty."""
+    values = to_float32(tensor)
+    axes = list(axes) if axes else None
+    return tf.sqrt(tf.reduce_sum(tf.square(values), axis=axes, keepdims=True))
+
+
+def _agc_axes(variable, fan_in_axes):
+    if len(variable.shape) <= 1:
+        return ()
+    axes = resolve_fan_in_axes(variable, fan_in_axes)
+    if axes is None:
+        raise ValueError(
+            f"Variable `{variable.path}` has no per-unit fan-in (its `fan_in_axes` entry is "
+            "None); adaptive clipping needs one. Give it explicit axes in `fan_in_axes`."
+        )
+    return axes
+
+
+def adaptive_clip(gradients, variables, clipping=0.01, eps=1e-3, fan_in_axes=None):
+    """Clips each output unit's gradient relative to the norm of its weights.
+
+    ``G_i <- G_i * min(1, clipping * max(||W_i||, eps) / max(||G_i||, 1e-6))``
+    per output unit ``i`` (fan-in axes as in :mod:`keras_gradops.fan_in`).
+    Rank-0/1 variables (biases, scales) count as a single unit. A
+    ``tf.IndexedSlices`` gradient (``Embedding``) is clipped as one unit
+    against the whole variable's norm, and stays sparse.
+
+    Args:
+        gradients: list of tensors, ``tf.IndexedSlices`` or ``None``.
+        variables: the variables, aligned with ``gradients``.
+        clipping: positive float ``lambda``, the largest allowed ratio.
+        eps: positive float, the floor on the weight norm (so zero-initialised
+            weights can still move).
+        fan_in_axes: optional ``{variable.path: axes}`` overrides.
+
+    Returns:
+        The list of clipped gradients.
+
+    Example:
+        >>> w = keras.Variable([[3.0], [4.0]])
+        >>> adaptive_clip([tf.constant([[30.0], [40.0]])], [w], clipping=0.1)[0].numpy().tolist()
+        [[0.30000001192092896], [0.4000000059604645]]
+    """
+    for name, value in (("clipping", clipping), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
+    if len(gradients) != len(variables):
+        raise ValueError(
+            f"`gradients` and `variables` must align one to one. Received "
+            f"{len(gradients)} gradients and {len(variables)} variables."
+        )
+    clipped = []
+    for gradient, variable in zip(gradients, variables):
+        if gradient is None:
+            clipped.append(None)
+            continue
+        sparse = isinstance(gradient, tf.IndexedSlices)
+        axes = () if sparse else _agc_axes(variable, fan_in_axes)
+        grad_values = values_of(gradient)
+        max_norm = clipping * tf.maximum(unitwise_norm(tf.convert_to_tensor(variable), axes), eps)
+        grad_norm = unitwise_norm(grad_values, axes)
+        scale = tf.minimum(1.0, max_norm / tf.maximum(grad_norm, GRADIENT_NORM_FLOOR))
+        if sparse:
+            scale = tf.reshape(scale, [])
+        new_values = tf.cast(to_float32(grad_values) * scale, grad_values.dtype)
+        clipped.append(
+            tf.IndexedSlices(new_values, gradient.indices, gradient.dense_shape) if sparse else new_values
+        )
+    return clipped
