@@ -1,0 +1,24 @@
+"""Test session setup: two logical CPU devices for tf.distribute tests.
+
+Logical devices must be configured before TensorFlow initialises its
+runtime, so this runs at collection time, before any test module touches TF.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def two_replica_strategy():
+    """A MirroredStrategy over the two logical CPU devices."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
