@@ -57,8 +57,9 @@ def adaptive_clip(gradients, variables, clipping=0.01, eps=1e-3, fan_in_axes=Non
 
     Example:
         >>> w = keras.Variable([[3.0], [4.0]])
-        >>> adaptive_clip([tf.constant([[30.0], [40.0]])], [w], clipping=0.1)[0].numpy().tolist()
-        [[0.30000001192092896], [0.4000000059604645]]
+        >>> g = adaptive_clip([tf.constant([[30.0], [40.0]])], [w], clipping=0.1)[0]
+        >>> [round(x, 6) for x in g.numpy().ravel().tolist()]  # ||G|| = 50 > 0.1 * ||W|| = 0.5
+        [0.3, 0.4]
     """
     for name, value in (("clipping", clipping), ("eps", eps)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

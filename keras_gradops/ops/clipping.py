@@ -61,7 +61,7 @@ def clip_by_global_norm(gradients, clip_norm):
 
     Example:
         >>> clipped, norm = clip_by_global_norm([tf.constant([3.0, 4.0])], 1.0)
-        >>> float(norm), clipped[0].numpy().round(2).tolist()
+        >>> float(norm), [round(x, 6) for x in clipped[0].numpy().tolist()]
         (5.0, [0.6, 0.8])
     """
     _check_threshold(clip_norm, "clip_norm")
@@ -84,8 +84,8 @@ def clip_by_norm(gradients, clip_norm):
         The list of clipped gradients, ``None`` entries kept.
 
     Example:
-        >>> [g.numpy().tolist() for g in clip_by_norm([tf.constant([3.0, 4.0])], 1.0)]
-        [[0.6000000238418579, 0.800000011920929]]
+        >>> [round(x, 6) for x in clip_by_norm([tf.constant([3.0, 4.0])], 1.0)[0].numpy().tolist()]
+        [0.6, 0.8]
     """
     _check_threshold(clip_norm, "clip_norm")
 
