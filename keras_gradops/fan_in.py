@@ -12,11 +12,14 @@ default the fan-in axes are all axes but the last. Some layers differ:
 | DepthwiseConv1D/2D, SeparableConv depthwise kernel | ``(*k, in, multiplier)`` | the spatial axes |
 | EinsumDense (and so MultiHeadAttention) | from the equation | kernel axes absent from the output |
 | Embedding | ``(vocab, dim)`` | none: rows have no incoming weights |
+| LayerNormalization over several axes, PReLU | per-element scales | none |
+| any weight named ``bias`` (GRU ``(2, 3 * units)``, EinsumDense) | a bias | none (without a mapping too) |
 
 A weight's fan-in axes can only be read from its layer, so for models with
 such layers build a mapping with :func:`fan_in_axes` and give it to an
-optimizer (``fan_in_axes=...``). A mapping value of ``None`` means "never
-centralize or unit-clip this weight".
+optimizer (``fan_in_axes=...``). A mapping value of ``None`` means "this
+weight has no per-unit fan-in": it is never centralized, and adaptive
+clipping treats it as a single unit, like a rank-1 bias.
 """
 
 import keras
@@ -43,9 +46,19 @@ def _einsum_axes(layer):
     return tuple(i for i, letter in enumerate(kernel_spec) if letter not in output)
 
 
+NO_FAN_IN_NAMES = ("bias",)
+"""Weights with these names have no incoming weights, whatever their rank:
+Keras stores the GRU bias as ``(2, 3 * units)`` and EinsumDense (so
+MultiHeadAttention) biases as e.g. ``(heads, key_dim)``."""
+
+
 def _layer_rules(layer):
     """(attribute name, fan-in axes or None) pairs for one layer's own weights."""
     layers = keras.layers
+    if isinstance(layer, layers.LayerNormalization):
+        return [("gamma", None), ("beta", None)]
+    if isinstance(layer, layers.PReLU):
+        return [("alpha", None)]
     if isinstance(layer, (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)):
         return [("kernel", _transpose_conv_axes(layer.kernel))]
     if isinstance(layer, (layers.DepthwiseConv1D, layers.DepthwiseConv2D)):
@@ -67,8 +80,9 @@ def fan_in_axes(model):
 
     Returns:
         ``dict`` from ``variable.path`` to a tuple of axes, or to ``None`` for
-        weights that have no per-unit fan-in (``Embedding``). Weights absent
-        from the mapping use :func:`default_fan_in_axes`.
+        weights that have no per-unit fan-in (``Embedding``, multi-axis
+        ``LayerNormalization``, ``PReLU``). Weights absent from the mapping
+        use :func:`resolve_fan_in_axes`' default.
 
     Raises:
         TypeError: ``model`` is not a Keras layer or model.
@@ -90,13 +104,18 @@ def fan_in_axes(model):
     mapping = {}
     for layer in model._flatten_layers(include_self=True, recursive=True):
         for attribute, axes in _layer_rules(layer):
-            mapping[getattr(layer, attribute).path] = axes
+            weight = getattr(layer, attribute, None)
+            if weight is not None:
+                mapping[weight.path] = axes
     return mapping
 
 
 def resolve_fan_in_axes(variable, mapping=None):
-    """The fan-in axes of ``variable``: its entry in ``mapping`` or the default."""
+    """The fan-in axes of ``variable``: its entry in ``mapping``, else ``None``
+    for a weight named ``bias``, else :func:`default_fan_in_axes`."""
     if mapping and variable.path in mapping:
         axes = mapping[variable.path]
         return None if axes is None else tuple(axes)
+    if variable.name in NO_FAN_IN_NAMES:
+        return None
     return default_fan_in_axes(len(variable.shape))

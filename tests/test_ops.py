@@ -188,10 +188,12 @@ def test_centralization_axes_rules():
     conv_kernel = keras.Variable(np.zeros((3, 3, 2, 5), np.float32), name="conv_kernel")
     bias = keras.Variable(np.zeros((3,), np.float32), name="bias")
     one_input = keras.Variable(np.zeros((1, 6), np.float32), name="one_input")
+    gru_bias = keras.Variable(np.zeros((2, 6), np.float32), name="bias")
     assert ops.centralization_axes(dense_kernel) == (0,)
     assert ops.centralization_axes(conv_kernel) == (0, 1, 2)
     assert ops.centralization_axes(bias) is None
     assert ops.centralization_axes(one_input) is None  # a 1-weight fan-in would be zeroed
+    assert ops.centralization_axes(gru_bias) is None  # a bias, whatever its rank
     assert ops.centralization_axes(dense_kernel, conv_only=True) is None
     assert ops.centralization_axes(conv_kernel, conv_only=True) == (0, 1, 2)
     mapping = {conv_kernel.path: (0, 1, 3), dense_kernel.path: None}
@@ -252,8 +254,14 @@ def test_adaptive_clip_zero_gradient_and_fan_in_override():
     np.testing.assert_allclose(out.numpy(), np_agc(g, w, 0.02, 1e-3, (0, 1, 3)), rtol=1e-5)
     (zero,) = ops.adaptive_clip([tf.zeros_like(g)], [var])  # 1e-6 floor: no 0/0
     np.testing.assert_array_equal(zero.numpy(), 0.0)
-    with pytest.raises(ValueError, match="fan_in_axes"):
-        ops.adaptive_clip([tf.constant(g)], [var], fan_in_axes={var.path: None})
+    # A weight without a per-unit fan-in (mapping entry None) is clipped as one unit.
+    (whole,) = ops.adaptive_clip([tf.constant(g)], [var], clipping=0.02, fan_in_axes={var.path: None})
+    np.testing.assert_allclose(whole.numpy(), np_agc(g, w, 0.02, 1e-3, (0, 1, 2, 3)), rtol=1e-5)
+    # So is a rank-2 bias (Keras' GRU bias is (2, 3 * units)).
+    bias = keras.Variable(rand(2, 6), name="bias")
+    g_bias = rand(2, 6, scale=5.0)
+    (clipped_bias,) = ops.adaptive_clip([tf.constant(g_bias)], [bias], clipping=0.02)
+    np.testing.assert_allclose(clipped_bias.numpy(), np_agc(g_bias, bias.numpy(), 0.02, 1e-3, (0, 1)), rtol=1e-5)
 
 
 def test_adaptive_clip_sparse_is_one_unit_and_stays_sparse():

@@ -24,15 +24,10 @@ def unitwise_norm(tensor, axes):
 
 
 def _agc_axes(variable, fan_in_axes):
+    """Per-unit axes, or ``()`` (one unit) for rank <= 1 and weights without a fan-in."""
     if len(variable.shape) <= 1:
         return ()
-    axes = resolve_fan_in_axes(variable, fan_in_axes)
-    if axes is None:
-        raise ValueError(
-            f"Variable `{variable.path}` has no per-unit fan-in (its `fan_in_axes` entry is "
-            "None); adaptive clipping needs one. Give it explicit axes in `fan_in_axes`."
-        )
-    return axes
+    return resolve_fan_in_axes(variable, fan_in_axes) or ()
 
 
 def adaptive_clip(gradients, variables, clipping=0.01, eps=1e-3, fan_in_axes=None):
@@ -40,7 +35,8 @@ def adaptive_clip(gradients, variables, clipping=0.01, eps=1e-3, fan_in_axes=Non
 
     ``G_i <- G_i * min(1, clipping * max(||W_i||, eps) / max(||G_i||, 1e-6))``
     per output unit ``i`` (fan-in axes as in :mod:`keras_gradops.fan_in`).
-    Rank-0/1 variables (biases, scales) count as a single unit. A
+    Rank-0/1 variables and weights without a per-unit fan-in (biases, scales,
+    ``None`` entries of ``fan_in_axes``) count as a single unit. A
     ``tf.IndexedSlices`` gradient (``Embedding``) is clipped as one unit
     against the whole variable's norm, and stays sparse.
 
