@@ -1,0 +1,76 @@
+"""Loss scaling (mixed precision) around a custom gradient step.
+
+Keras scales the loss with ``optimizer.scale_loss`` inside the tape and lets
+``optimizer.apply`` divide the gradients back: by ``loss_scale_factor``, or,
+for ``keras.optimizers.LossScaleOptimizer`` (made by ``compile`` under
+``mixed_float16``), by its dynamic scale, after a finiteness check that reads
+the first replica only (DESIGN.md section 4). Gradient ops need the unscaled
+gradient, so a train step here unscales it itself, applies it with the
+optimizer that does not unscale, and adapts the dynamic scale as
+``LossScaleOptimizer`` does: halve it after a non-finite step, double it after
+``dynamic_growth_steps`` finite steps in a row.
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+from keras_gradops.ops._dtypes import map_values
+
+
+def _is_dynamic(optimizer):
+    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+def loss_scale(optimizer):
+    """The factor ``optimizer.scale_loss`` multiplies the loss by, or ``None``."""
+    if _is_dynamic(optimizer):
+        return optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+    return optimizer.loss_scale_factor
+
+
+def unscale(gradients, scale):
+    """``g / scale`` for every gradient (``None`` kept); identity for ``scale=None``."""
+    if scale is None:
+        return list(gradients)
+
+    def divide(values):
+        return values / tf.cast(scale, values.dtype)
+
+    return [None if g is None else map_values(g, divide) for g in gradients]
+
+
+def updating_optimizer(optimizer):
+    """The optimizer whose ``apply`` updates the weights: the inner one of a LossScaleOptimizer."""
+    return optimizer.inner_optimizer if _is_dynamic(optimizer) else optimizer
+
+
+@contextlib.contextmanager
+def applying_unscaled(optimizer):
+    """While tracing ``apply``, stops ``optimizer`` dividing by ``loss_scale_factor``."""
+    factor = optimizer.loss_scale_factor
+    optimizer.loss_scale_factor = None
+    try:
+        yield optimizer
+    finally:
+        optimizer.loss_scale_factor = factor
+
+
+def after_finite_step(optimizer):
+    """Counts a finite step; doubles the dynamic scale every ``dynamic_growth_steps``."""
+    if not _is_dynamic(optimizer):
+        return
+    grow = tf.equal(optimizer.step_counter, optimizer.dynamic_growth_steps - 1)
+    optimizer.step_counter.assign(tf.where(grow, 0, optimizer.step_counter + 1))
+    optimizer.dynamic_scale.assign(
+        tf.where(grow, optimizer.dynamic_scale * 2.0, optimizer.dynamic_scale)
+    )
+
+
+def after_nonfinite_step(optimizer):
+    """Halves the dynamic scale and restarts the growth count."""
+    if not _is_dynamic(optimizer):
+        return
+    optimizer.step_counter.assign(0)
+    optimizer.dynamic_scale.assign(optimizer.dynamic_scale * 0.5)
