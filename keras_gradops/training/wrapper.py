@@ -20,6 +20,7 @@ import warnings
 
 import keras
 import tensorflow as tf
+from keras.src.export import export_utils
 
 from keras_gradops.fan_in import fan_in_axes as read_fan_in_axes
 from keras_gradops.training import loss_scaling, replicas
@@ -164,6 +165,16 @@ class GradientWrapperModel(keras.Model):
             self.model.build(input_shape)
         self.built = True
 
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """As ``keras.Model.export``: the inference function only (``serve``).
+
+        ``input_signature`` defaults to the wrapped model's, so a wrapper that
+        was never called (e.g. just loaded from ``.keras``) can be exported.
+        """
+        if input_signature is None:
+            input_signature = export_utils.get_input_signature(self.model)
+        return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+
     # -- the gradient source ------------------------------------------------------
 
     def compute_gradients(self, x, y, sample_weight):
@@ -268,10 +279,9 @@ class GradientWrapperModel(keras.Model):
         logs = super().test_step(data)
         return {name: value for name, value in logs.items() if name not in self._telemetry_names}
 
-    # -- compile, fit and the skip limit ----------------------------------------------------
+    # -- the train function and the skip limit ----------------------------------------------------
 
-    def compile(self, *args, **kwargs):
-        super().compile(*args, **kwargs)
+    def _check_optimizer_clipping(self):
         optimizer = loss_scaling.updating_optimizer(self.optimizer)
         own = [f"{n}={getattr(optimizer, n)}" for n in _OPTIMIZER_CLIPPING if getattr(optimizer, n, None)]
         if own and self.gradient_ops.clips:
@@ -283,6 +293,7 @@ class GradientWrapperModel(keras.Model):
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
+        self._check_optimizer_clipping()
         super().make_train_function(force=force)
         if self.max_consecutive_skips is not None:
             step = self.train_function
