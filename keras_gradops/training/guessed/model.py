@@ -1,0 +1,172 @@
+"""GuessedGradientModel: ``model.fit`` with forward-mode guessed gradients, no backpropagation.
+
+    mlp = keras.Sequential([keras.Input((3072,)), keras.layers.Dense(128, activation="relu"),
+                            keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)])
+    model = kgo.GuessedGradientModel(mlp, method="weight_transpose")
+    model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss=..., jit_compile=True)
+    model.fit(train_ds, epochs=..., validation_data=test_ds)
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_gradops.training import loss_scaling
+from keras_gradops.training.guessed import methods as m
+from keras_gradops.training.guessed.diagnostics import cosine_similarity
+from keras_gradops.training.guessed.estimator import GradientGuesser
+from keras_gradops.training.guessed.noise import as_seed
+from keras_gradops.training.guessed.stack import LayerStack
+from keras_gradops.training.layer_groups import resolve_layers, variable_groups
+from keras_gradops.training.wrapper import GradientWrapperModel
+
+
+@keras.saving.register_keras_serializable(package="keras_gradops")
+class GuessedGradientModel(GradientWrapperModel):
+    """Trains a Keras model with guessed gradients: one forward-mode pass, no backward pass.
+
+    Each step guesses ``dL/ds_l`` at every Dense/Conv2D pre-activation ``s_l``
+    (Singhal et al., "How to guess a gradient", arXiv 2312.04709), scores all
+    guesses at once with one ``tf.autodiff.ForwardAccumulator`` pass giving
+    each example's directional derivative ``d_b``, and updates
+    ``W_l`` with ``x_l^T (d * y_l)``. Methods:
+
+    - ``"directional_descent"``: weight perturbation, tangent ``V ~ N(0, I)``
+      on the weights, ``g_hat = (dL . V) V`` (Baydin et al. 2022).
+    - ``"activation_perturbation"``: ``y_l ~ N(0, I)``; unbiased.
+    - ``"weight_transpose"``: ``y_l = (eps W_{l+1}^T) * 1[s_l > 0]``, ``eps ~ N(0, I)``.
+    - ``"activation_mixing"``: ``y_l = (M act(s_l)) * 1[s_l > 0]``, ``M`` a
+      random ``B x B`` mixing of the batch's own outputs.
+    - ``"one_layer_downstream"``: ``eps`` at the next layer's output pulled back
+      through that layer's true Jacobian.
+    - ``"backprop"``: the exact gradient through the same layer-by-layer forward
+      pass, as the oracle.
+
+    ``weight_transpose`` and ``one_layer_downstream`` guess the last layer by
+    activation perturbation. Masks are the activation's Jacobian (``1[s > 0]``
+    for ReLU). Train step, gradient ops, telemetry, ``predict``, ``evaluate``,
+    saving and ``export`` are those of
+    :class:`~keras_gradops.training.wrapper.GradientWrapperModel`.
+
+    Args:
+        model: a built Sequential or functional stack (see
+            :mod:`keras_gradops.training.guessed.stack` for the layers each
+            method supports).
+        method: one of the methods above.
+        num_guesses: independent guesses averaged per step (one forward pass each).
+        recompute: if ``True``, the update rebuilds each layer's input and guess
+            in a second forward pass (same seeds) instead of keeping them:
+            activation memory ``O(1)`` in depth for one more forward pass.
+            Activation-space methods only; not with layers that draw random
+            numbers or keep moving statistics.
+        cosine_diagnostics: if ``True``, log ``cosine_similarity`` and
+            ``cosine_similarity/<layer>`` (epoch means) between the guess and
+            the true gradient; costs a backward pass per step.
+        seed: int seed of the guesses' random draws (``None``: random).
+        **kwargs: :class:`GradientWrapperModel` arguments (gradient ops, ...).
+
+    Raises:
+        ValueError: an unknown method, ``num_guesses < 1``, a model that is not
+            built, has no trainable weights or holds a layer the method does not
+            support (the message names the methods that do).
+    """
+
+    def __init__(self, model, method, num_guesses=1, recompute=False, cosine_diagnostics=False, seed=None,
+                 **kwargs):
+        m.validate_method(method)
+        m.validate_num_guesses(num_guesses, method)
+        m.validate_recompute(recompute, method)
+        if not isinstance(cosine_diagnostics, bool):
+            raise ValueError(f"`cosine_diagnostics` must be a bool. Received: cosine_diagnostics={cosine_diagnostics!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be an int or None. Received: seed={seed!r}")
+        stack = LayerStack(model, method, recompute, num_guesses) if isinstance(model, keras.Model) else None
+        super().__init__(model, **kwargs)
+        self.method = method
+        self.num_guesses = num_guesses
+        self.recompute = recompute
+        self.cosine_diagnostics = cosine_diagnostics
+        self.seed = seed
+        self._stack = stack
+        self._guesser = None
+        self._seed_generator = keras.random.SeedGenerator(seed, name="guess_seed_generator")
+        self._cosine_layers = [layer.name for layer in resolve_layers(model, True)] if cosine_diagnostics else []
+        self._cosine_tracker = keras.metrics.Mean(name="cosine_similarity") if cosine_diagnostics else None
+        self._layer_cosine_trackers = [keras.metrics.Mean(name=f"cosine_similarity/{n}") for n in self._cosine_layers]
+
+    @property
+    def guesser(self):
+        """The :class:`~keras_gradops.training.guessed.estimator.GradientGuesser` of this model."""
+        if self._guesser is None:
+            self._guesser = GradientGuesser(
+                self._stack, self.method, self.num_guesses, self.recompute, self.trainable_variables
+            )
+        return self._guesser
+
+    def _guess(self, x, y, sample_weight, seed, true_gradient=False, record_draws=False):
+        inputs = tf.nest.flatten(x)
+        if len(inputs) != 1:
+            raise ValueError(f"A stack takes one input tensor; received {len(inputs)}.")
+
+        def loss_fn(y_pred):
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            return loss, self.optimizer.scale_loss(loss)
+
+        result = self.guesser(inputs[0], loss_fn, seed, training=True, true_gradient=true_gradient,
+                              record_draws=record_draws)
+        scale = loss_scaling.loss_scale(self.optimizer)
+        result.gradients = loss_scaling.unscale(result.gradients, scale)
+        if result.true_gradients is not None:
+            result.true_gradients = loss_scaling.unscale(result.true_gradients, scale)
+        return result
+
+    def compute_gradients(self, x, y, sample_weight):
+        """The guessed gradient of this replica's loss (see the class docstring)."""
+        result = self._guess(x, y, sample_weight, self._seed_generator.next(),
+                             true_gradient=self.cosine_diagnostics)
+        if self.cosine_diagnostics:
+            self._track_cosine(result.gradients, result.true_gradients)
+        return result.loss, result.y_pred, result.gradients
+
+    def _track_cosine(self, guessed, exact):
+        self._cosine_tracker.update_state(cosine_similarity(guessed, exact))
+        layers = resolve_layers(self.model, self._cosine_layers)
+        for tracker, group in zip(self._layer_cosine_trackers, variable_groups(layers, self.trainable_variables)):
+            tracker.update_state(cosine_similarity([guessed[i] for i in group], [exact[i] for i in group]))
+
+    def guess_gradients(self, x, y, sample_weight=None, seed=None, return_draws=False):
+        """The guessed gradient of the compiled loss for one batch, as ``train_step`` computes it.
+
+        Args:
+            x, y, sample_weight: one batch.
+            seed: an int or a pair of ints fixing the random draws; ``None``
+                draws from the model's seed generator (as ``train_step``).
+            return_draws: also return the random draws.
+
+        Returns:
+            A list aligned with ``self.trainable_variables`` (not loss-scaled);
+            with ``return_draws``, ``(gradients, draws)``: ``draws`` has one
+            dict per guess mapping each guessed layer's name to its draw
+            (``N(0, I)`` noise shaped as its pre-activation, ``eps`` at the
+            next layer, or the ``B x B`` mixing matrix) and each weight-perturbed
+            variable's path to its tangent.
+
+        Raises:
+            ValueError: the model is not compiled.
+        """
+        if not self.compiled:
+            raise ValueError("`guess_gradients` needs the compiled loss: call `compile()` first.")
+        seed = self._seed_generator.next() if seed is None else as_seed(seed)
+        result = self._guess(x, y, sample_weight, seed, record_draws=return_draws)
+        return (result.gradients, result.draws) if return_draws else result.gradients
+
+    @property
+    def _telemetry_names(self):
+        names = super()._telemetry_names
+        cosine = [self._cosine_tracker] if self._cosine_tracker is not None else []
+        return names | {t.name for t in cosine + self._layer_cosine_trackers}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(method=self.method, num_guesses=self.num_guesses, recompute=self.recompute,
+                      cosine_diagnostics=self.cosine_diagnostics, seed=self.seed)
+        return config

@@ -1,0 +1,306 @@
+"""A Sequential or functional stack of layers, run layer by layer.
+
+A guessed-gradient step needs each Dense/Conv2D layer's input ``x_l`` and
+pre-activation ``s_l = x_l W_l + b_l``, which ``model(x)`` hides, so it runs
+the stack itself: Dense and Conv2D layers ("sites") with the same Keras ops as
+their own ``call``, every other layer through its ``__call__``.
+
+Which layers each method supports (anything else raises at construction):
+
+- ``backprop``: every layer of a stack.
+- ``directional_descent``: every layer but recurrent ones (forward-mode
+  differentiation of their loop fails inside ``tf.function``).
+- ``activation_perturbation``, ``activation_mixing``: Dense and Conv2D sites,
+  normalisation layers, layers without trainable weights.
+- ``weight_transpose``, ``one_layer_downstream``: as above without Conv2D;
+  between two Dense layers only Dropout and normalisation layers, which their
+  guesses treat as the identity.
+
+Normalisation layers' scales and offsets are guessed by weight perturbation
+(a random tangent on the weights, as ``directional_descent``) in every method.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_gradops.training.guessed import methods as m
+
+NORMALIZATION_LAYERS = (
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization,
+    keras.layers.RMSNormalization,
+    keras.layers.UnitNormalization,
+)
+# Between two Dense layers, weight_transpose and one_layer_downstream model these as the identity.
+_IDENTITY_IN_GUESS = (keras.layers.Dropout, *NORMALIZATION_LAYERS)
+_SITE_TYPES = {m.DIRECTIONAL_DESCENT: (keras.layers.Dense, keras.layers.Conv2D),
+               m.BACKPROP: (keras.layers.Dense, keras.layers.Conv2D),
+               m.ACTIVATION_PERTURBATION: (keras.layers.Dense, keras.layers.Conv2D),
+               m.ACTIVATION_MIXING: (keras.layers.Dense, keras.layers.Conv2D),
+               m.WEIGHT_TRANSPOSE: (keras.layers.Dense,),
+               m.ONE_LAYER_DOWNSTREAM: (keras.layers.Dense,)}
+
+
+class Site:
+    """A Dense or Conv2D layer run by hand: ``s = x W + b``, output ``activation(s)``.
+
+    Args:
+        layer: a built ``keras.layers.Dense`` or ``keras.layers.Conv2D`` whose
+            trainable weights are exactly its kernel and bias.
+        index: its position among the stack's sites.
+    """
+
+    def __init__(self, layer, index):
+        self.layer = layer
+        self.index = index
+        self.kernel = layer.kernel
+        self.bias = layer.bias
+        self.variables = [self.kernel] + ([self.bias] if self.bias is not None else [])
+        self.is_dense = isinstance(layer, keras.layers.Dense)
+
+    @property
+    def units(self):
+        """The size of the last axis of ``s``."""
+        return int(self.kernel.shape[-1])
+
+    def pre_activation(self, x):
+        """``s = x W + b`` (Dense) or ``conv(x, W) + b`` (Conv2D), in the layer's compute dtype."""
+        dtype = self.layer.compute_dtype
+        x = keras.ops.cast(x, dtype)
+        kernel = keras.ops.cast(self.kernel, dtype)
+        if self.is_dense:
+            s = keras.ops.matmul(x, kernel)
+        else:
+            s = self.layer.convolution_op(x, kernel)
+        if self.bias is None:
+            return s
+        bias = keras.ops.cast(self.bias, dtype)
+        if not self.is_dense:
+            rank = self.layer.rank
+            channels_last = self.layer.data_format == "channels_last"
+            shape = (1,) * (rank + 1) + (self.units,) if channels_last else (1, self.units) + (1,) * rank
+            bias = keras.ops.reshape(bias, shape)
+        return keras.ops.add(s, bias)
+
+    def activate(self, s):
+        """The layer's output ``activation(s)``."""
+        return self.layer.activation(s)
+
+    def pull_back(self, s, cotangent):
+        """``J_act(s)^T cotangent``: for ReLU ``cotangent * 1[s > 0]``."""
+        activation = self.layer.activation
+        if activation is keras.activations.linear:
+            return cotangent
+        if activation is keras.activations.relu:
+            return cotangent * tf.cast(s > 0, cotangent.dtype)
+        with tf.GradientTape() as tape:
+            tape.watch(s)
+            a = activation(s)
+        return tape.gradient(a, s, output_gradients=cotangent)
+
+    def kernel_transpose(self, cotangent):
+        """``cotangent W^T`` for a Dense site: a vector at ``s`` pulled back to ``x``."""
+        kernel = keras.ops.cast(self.kernel, cotangent.dtype)
+        return keras.ops.matmul(cotangent, keras.ops.transpose(kernel))
+
+    def weight_update(self, x, cotangent):
+        """The weights' gradient for a given ``dL/ds``: ``[x^T cotangent, sum(cotangent)]``.
+
+        Computed in the variables' dtype. For Conv2D, the transpose of the
+        convolution in its kernel (the filter gradient of ``conv(x, W)``).
+
+        Args:
+            x: the layer's input.
+            cotangent: a tensor shaped as ``s``.
+
+        Returns:
+            A list aligned with ``self.variables``.
+        """
+        dtype = self.kernel.dtype
+        x = tf.cast(x, dtype)
+        cotangent = tf.cast(cotangent, dtype)
+        if self.is_dense:
+            leading = list(range(len(cotangent.shape) - 1))
+            kernel_grad = tf.tensordot(x, cotangent, axes=[leading, leading])
+            channel_axis = -1
+        else:
+            kernel = tf.convert_to_tensor(self.kernel)
+            with tf.GradientTape() as tape:
+                tape.watch(kernel)
+                s = self.layer.convolution_op(x, kernel)
+            kernel_grad = tape.gradient(s, kernel, output_gradients=cotangent)
+            channel_axis = -1 if self.layer.data_format == "channels_last" else 1
+        if self.bias is None:
+            return [kernel_grad]
+        rank = len(cotangent.shape)
+        axes = [a for a in range(rank) if a != channel_axis % rank]
+        return [kernel_grad, tf.reduce_sum(cotangent, axis=axes)]
+
+
+def _is_site_layer(layer):
+    if not isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)) or not layer.trainable_weights:
+        return False
+    own = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
+    weights = layer.trainable_weights
+    # LoRA and quantized layers hold other weights than kernel and bias.
+    return len(own) == len(weights) and all(a is b for a, b in zip(own, weights))
+
+
+def _draws_random_numbers(layer):
+    return any(
+        isinstance(value, keras.random.SeedGenerator)
+        for sub in layer._flatten_layers(include_self=True)
+        for value in vars(sub).values()
+    )
+
+
+def _is_recurrent(layer):
+    return any(isinstance(sub, (keras.layers.RNN, keras.layers.Bidirectional))
+               for sub in layer._flatten_layers(include_self=True))
+
+
+def layer_problem(layer, method, recompute=False):
+    """Why ``method`` cannot train ``layer`` in a stack, or ``None`` if it can."""
+    if getattr(layer, "activity_regularizer", None) is not None:
+        return "its activity_regularizer adds a loss inside the layer call, which a guess cannot see"
+    if method == m.BACKPROP:
+        return None
+    if method == m.DIRECTIONAL_DESCENT:
+        if _is_recurrent(layer):
+            return "forward-mode differentiation of a recurrent layer's loop fails inside tf.function"
+        return None
+    if recompute and isinstance(layer, keras.layers.BatchNormalization):
+        return "recompute=True runs the forward pass twice and would update its moving statistics twice"
+    if recompute and _draws_random_numbers(layer):
+        return "recompute=True runs the forward pass twice and it draws new random numbers each time"
+    if _is_site_layer(layer):
+        if isinstance(layer, _SITE_TYPES[method]):
+            return None
+        return f"{method} guesses Dense layers only (it pulls a guess back through the next Dense kernel)"
+    if not layer.trainable_weights or isinstance(layer, NORMALIZATION_LAYERS):
+        return None
+    return "a layer with trainable weights must be Dense, Conv2D or a normalisation layer"
+
+
+def _supporting_methods(layer):
+    return [method for method in m.METHODS if layer_problem(layer, method) is None]
+
+
+def _unsupported(layer, method, reason, methods=None):
+    methods = _supporting_methods(layer) if methods is None else methods
+    return ValueError(
+        f"Layer {layer.name!r} ({type(layer).__name__}) is not supported by method={method!r}: {reason}. "
+        f"Methods that support it: {', '.join(methods) if methods else 'none'}."
+    )
+
+
+def stack_layers(model):
+    """The layers of a Sequential or single-input, single-output chain functional model, in order.
+
+    Raises:
+        ValueError: ``model`` is not built, or is not such a stack.
+    """
+    if not model.built:
+        raise ValueError(
+            f"Model {model.name!r} is not built. Build it first, e.g. start a Sequential "
+            "with keras.Input(shape) or call model.build(input_shape)."
+        )
+    if isinstance(model, keras.Sequential):
+        return list(model.layers)
+    if not (hasattr(model, "inputs") and hasattr(model, "outputs") and model.inputs is not None):
+        raise ValueError(
+            f"Model {model.name!r} ({type(model).__name__}) is a subclassed model; guessed gradients "
+            "run Sequential or functional stacks of layers layer by layer."
+        )
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(
+            f"Model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
+            "guessed gradients need a stack with one input and one output."
+        )
+    layers = []
+    tensor = model.outputs[0]
+    while tensor is not model.inputs[0]:
+        layer, node_index, _ = tensor._keras_history
+        inputs = layer._inbound_nodes[node_index].input_tensors
+        if len(inputs) != 1:
+            raise ValueError(
+                f"Layer {layer.name!r} of model {model.name!r} takes {len(inputs)} inputs; guessed "
+                "gradients need a stack where every layer takes the previous layer's output."
+            )
+        layers.append(layer)
+        tensor = inputs[0]
+    return layers[::-1]
+
+
+class LayerStack:
+    """The layers of a model, checked for a method and runnable layer by layer.
+
+    Args:
+        model: a built Sequential or functional stack.
+        method: one of :data:`keras_gradops.training.guessed.methods.METHODS`.
+        recompute: whether the forward pass is run twice per step.
+        num_guesses: the guesses averaged per step (one forward pass each).
+
+    Attributes:
+        layers: the stack's layers in order.
+        sites: the :class:`Site` of every trainable Dense/Conv2D layer, in order.
+        couples_examples: whether a layer mixes the examples of a batch
+            (BatchNormalization), so a per-example directional derivative is
+            not one example's.
+
+    Raises:
+        ValueError: a layer the method does not support, naming the methods
+            that support it.
+    """
+
+    def __init__(self, model, method, recompute=False, num_guesses=1):
+        self.layers = stack_layers(model)
+        if not model.trainable_weights:
+            raise ValueError(f"Model {model.name!r} has no trainable weights: there is no gradient to guess.")
+        self.sites = []
+        self._site_of = {}
+        for layer in self.layers:
+            problem = layer_problem(layer, method, recompute)
+            if problem is not None:
+                raise _unsupported(layer, method, problem)
+            if _is_site_layer(layer):
+                site = Site(layer, len(self.sites))
+                self.sites.append(site)
+                self._site_of[id(layer)] = site
+        self.couples_examples = any(isinstance(layer, keras.layers.BatchNormalization) for layer in self.layers)
+        if self.couples_examples and num_guesses > 1 and method != m.BACKPROP:
+            layer = next(la for la in self.layers if isinstance(la, keras.layers.BatchNormalization))
+            raise ValueError(
+                f"num_guesses={num_guesses} runs one forward pass per guess; layer {layer.name!r} "
+                "(BatchNormalization) would update its moving statistics once per guess. Use num_guesses=1."
+            )
+        if method in m.NEXT_LAYER_METHODS:
+            self._check_between_dense_layers(method)
+
+    def _check_between_dense_layers(self, method):
+        positions = [i for i, layer in enumerate(self.layers) if id(layer) in self._site_of]
+        for first, second in zip(positions, positions[1:]):
+            for layer in self.layers[first + 1:second]:
+                if not isinstance(layer, _IDENTITY_IN_GUESS):
+                    raise _unsupported(
+                        layer, method,
+                        f"between two Dense layers {method} allows only Dropout and normalisation layers "
+                        "(put activations in the Dense layer's `activation` argument)",
+                        [mm for mm in _supporting_methods(layer) if mm not in m.NEXT_LAYER_METHODS],
+                    )
+
+    def site_of(self, layer):
+        """The :class:`Site` of ``layer``, or ``None``."""
+        return self._site_of.get(id(layer))
+
+    def next_site(self, site):
+        """The site after ``site``, or ``None`` for the last one."""
+        return self.sites[site.index + 1] if site.index + 1 < len(self.sites) else None
+
+    def run(self, x, site_fn, training=True):
+        """Runs the stack on ``x``; each site's output is ``site_fn(site, x_l)``."""
+        for layer in self.layers:
+            site = self._site_of.get(id(layer))
+            x = site_fn(site, x) if site is not None else layer(x, training=training)
+        return x
