@@ -20,6 +20,11 @@ such layers build a mapping with :func:`fan_in_axes` and give it to an
 optimizer (``fan_in_axes=...``). A mapping value of ``None`` means "this
 weight has no per-unit fan-in": it is never centralized, and adaptive
 clipping treats it as a single unit, like a rank-1 bias.
+
+Keys are ``variable.path``. Keras renames the outer scope of a path when a
+model is loaded or cloned (a ``Sequential``'s ``sequential/conv/kernel`` is
+``conv/kernel`` after ``keras.saving.load_model``), so a key also matches a
+variable whose path ends with it, or that it ends with, at a ``/``.
 """
 
 import keras
@@ -110,12 +115,36 @@ def fan_in_axes(model):
     return mapping
 
 
+def _mapping_entry(mapping, path):
+    """``(found, axes)`` for ``path``: its own key, else keys equal up to an outer scope."""
+    if path in mapping:
+        return True, mapping[path]
+    matches = {
+        key: axes for key, axes in mapping.items()
+        if key.endswith("/" + path) or path.endswith("/" + key)
+    }
+    values = {None if axes is None else tuple(axes) for axes in matches.values()}
+    if len(values) > 1:
+        raise ValueError(
+            f"`fan_in_axes` has several entries for variable `{path}` with different axes: "
+            f"{matches}. Key the mapping by the variable's full path."
+        )
+    if not values:
+        return False, None
+    return True, values.pop()
+
+
 def resolve_fan_in_axes(variable, mapping=None):
     """The fan-in axes of ``variable``: its entry in ``mapping``, else ``None``
-    for a weight named ``bias``, else :func:`default_fan_in_axes`."""
-    if mapping and variable.path in mapping:
-        axes = mapping[variable.path]
-        return None if axes is None else tuple(axes)
+    for a weight named ``bias``, else :func:`default_fan_in_axes`.
+
+    Raises:
+        ValueError: several ``mapping`` keys match ``variable`` with different axes.
+    """
+    if mapping:
+        found, axes = _mapping_entry(mapping, variable.path)
+        if found:
+            return None if axes is None else tuple(axes)
     if variable.name in NO_FAN_IN_NAMES:
         return None
     return default_fan_in_axes(len(variable.shape))
