@@ -98,9 +98,9 @@ def with_gradient_centralization(optimizer, conv_only=False, fan_in_axes=None, s
         A new, unbuilt optimizer with the same hyperparameters.
 
     Example:
-        >>> opt = with_gradient_centralization(keras.optimizers.Lion(1e-4))
-        >>> type(opt).__name__, float(opt.learning_rate)
-        ('CentralizedLion', 0.0001)
+        >>> opt = with_gradient_centralization(keras.optimizers.Lion(learning_rate=0.5))
+        >>> type(opt).__name__, float(opt.learning_rate), isinstance(opt, keras.optimizers.Lion)
+        ('CentralizedLion', 0.5, True)
     """
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise TypeError(f"`optimizer` must be a Keras optimizer instance. Received: optimizer={optimizer!r}")
