@@ -61,8 +61,9 @@ def after_finite_step(optimizer):
     """Counts a finite step; doubles the dynamic scale every ``dynamic_growth_steps``."""
     if not _is_dynamic(optimizer):
         return
-    grow = tf.equal(optimizer.step_counter, optimizer.dynamic_growth_steps - 1)
-    optimizer.step_counter.assign(tf.where(grow, 0, optimizer.step_counter + 1))
+    counter = optimizer.step_counter
+    grow = tf.equal(counter, optimizer.dynamic_growth_steps - 1)
+    optimizer.step_counter.assign(tf.where(grow, tf.zeros_like(counter), counter + 1))
     optimizer.dynamic_scale.assign(
         tf.where(grow, optimizer.dynamic_scale * 2.0, optimizer.dynamic_scale)
     )

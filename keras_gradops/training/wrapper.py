@@ -161,8 +161,7 @@ class GradientWrapperModel(keras.Model):
         return self.model(inputs, training=training)
 
     def build(self, input_shape=None):
-        if not self.model.built:
-            self.model.build(input_shape)
+        # No weights of its own; the wrapped model builds itself on its first call.
         self.built = True
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
@@ -200,6 +199,7 @@ class GradientWrapperModel(keras.Model):
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            self._build_optimizer()
             scaled_loss = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, variables)
         return loss, y_pred, loss_scaling.unscale(gradients, loss_scaling.loss_scale(self.optimizer))
@@ -208,7 +208,9 @@ class GradientWrapperModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        self._build_optimizer()
         loss, y_pred, gradients = self.compute_gradients(x, y, sample_weight)
+        self._build_optimizer()
         self._track_loss(loss, x)
         variables = self.trainable_variables
         gradients = replicas.sum_over_replicas(gradients)
@@ -217,6 +219,17 @@ class GradientWrapperModel(keras.Model):
         self._apply_gradients(applied, variables, finite)
         self._update_telemetry(gradients, applied, norm, clipped, finite)
         return self.compute_metrics(x, y, y_pred, sample_weight)
+
+    def _build_optimizer(self):
+        """Builds the optimizer once the model is, before its first traced use.
+
+        Without a distribution strategy Keras builds the optimizer inside its
+        first ``apply``; a loss-scale optimizer must exist earlier, or the
+        traced step would scale the loss by a constant instead of its
+        dynamic scale.
+        """
+        if not self.optimizer.built and self.model.built:
+            self.optimizer.build(self.trainable_variables)
 
     def _track_loss(self, loss, x):
         if self._loss_tracker is None:
