@@ -118,6 +118,7 @@ def _make(kind, model):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_update_is_minus_the_centralized_gradient(case, kind):
     factory, shape, rules = CASES[case]
+    keras.utils.set_random_seed(0)
     model = factory()
     grads, deltas = _gradients_and_update(model, _make(kind, model), _inputs(shape, case == "Embedding"))
     for variable, grad, delta in zip(model.trainable_variables, grads, deltas):
@@ -131,11 +132,12 @@ def test_update_is_minus_the_centralized_gradient(case, kind):
         np.testing.assert_allclose(-delta, expected, atol=2e-5, err_msg=variable.path)
         if axes is not None:
             np.testing.assert_allclose(delta.mean(axis=axes), 0.0, atol=2e-5, err_msg=variable.path)
-            assert not np.allclose(g.mean(axis=axes), 0.0, atol=1e-3), variable.path  # GC did something
+            assert np.abs(g.mean(axis=axes)).max() > 1e-2 * np.abs(g).max(), variable.path  # GC did something
 
 
 @pytest.mark.parametrize("optimizer_class", [kgo.SGDGCC, kgo.SGDWGCC])
 def test_gcc_centralizes_conv_kernels_only(optimizer_class):
+    keras.utils.set_random_seed(0)
     model = _model((6, 6, 2), L.Conv2D(3, 3), L.Reshape((16, 3)), L.Conv1D(2, 3), L.Flatten(), L.Dense(2))
     grads, deltas = _gradients_and_update(model, optimizer_class(learning_rate=1.0), _inputs((6, 6, 2), False))
     for variable, grad, delta in zip(model.trainable_variables, grads, deltas):

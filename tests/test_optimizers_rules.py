@@ -286,6 +286,20 @@ def test_with_gradient_centralization_equals_base_on_clipped_centralized_gradien
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", centralized.BUILTIN_OPTIMIZERS)
+def test_with_gradient_centralization_keeps_every_builtin_update_on_rank1_weights(name):
+    """Rank-1 weights are not centralized: the update must be exactly the base optimizer's
+    (catches bases with their own step logic, e.g. Nadam's ``_backend_update_step``)."""
+    rng = np.random.default_rng(9)
+    weights = [rng.normal(size=(5,)).astype(np.float32)]
+    grads = [[rng.normal(size=(5,)).astype(np.float32)] for _ in range(STEPS)]
+    make = getattr(keras.optimizers, name)
+    got = run_optimizer(kgo.with_gradient_centralization(make(learning_rate=0.1)), weights, grads)
+    expected = run_optimizer(make(learning_rate=0.1), weights, grads)
+    assert np.all(np.isfinite(got[0]))
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-6, atol=1e-7)
+
+
 def test_with_gradient_centralization_bad_input():
     with pytest.raises(TypeError, match="optimizer"):
         kgo.with_gradient_centralization("sgd")

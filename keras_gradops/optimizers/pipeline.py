@@ -19,7 +19,6 @@ whole pipeline after the all-reduce. Per step, on the aggregated gradient:
 
 import inspect
 
-import keras
 import tensorflow as tf
 
 from keras_gradops.ops import clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
@@ -152,28 +151,35 @@ class GradientPipelineMixin:
             return grad
         return tf.convert_to_tensor(grad) + tf.cast(self.l2_weight_decay, variable.dtype) * variable
 
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
-        grads_and_vars = self._all_reduce_sum_gradients(list(zip(grads, variables)))
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        """Keras' cross-replica sum, then steps 1-3 on the aggregated gradient.
+
+        Keras' ``_backend_update_step`` calls this right before the per-variable
+        updates (so a base class's own ``_backend_update_step``, e.g. Nadam's,
+        still runs). The pre-clip norm rides along as a last ``(norm, None)``
+        pair, so that under ``tf.distribute`` it reaches
+        :meth:`_distributed_tf_update_step` as a per-replica value.
+        """
+        grads_and_vars = super()._all_reduce_sum_gradients(grads_and_vars)
+        variables = [v for _, v in grads_and_vars]
         grads, norm = self._transform_gradients([g for g, _ in grads_and_vars], variables)
         self.gradient_norm.assign(norm)
-        finite = tf.math.is_finite(norm)
         if self.skip_nonfinite:
-            self.skipped_steps.assign_add(tf.cast(tf.logical_not(finite), "int64"))
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            self._guarded_update, self._distribution_strategy,
-            list(zip(grads, variables)), learning_rate, finite,
-        )
+            self.skipped_steps.assign_add(tf.cast(tf.logical_not(tf.math.is_finite(norm)), "int64"))
+        return list(zip(grads, variables)) + [(norm, None)]
 
-    def _guarded_update(self, distribution, grads_and_vars, learning_rate, finite):
-        def update(var, grad, lr, finite):
+    def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+        """Step 4 per variable, skipped when ``skip_nonfinite`` and the norm is not finite."""
+        *grads_and_vars, (norm, _) = grads_and_vars
+
+        def update(var, grad, lr, norm):
             if not self.skip_nonfinite:
                 self._update_variable(grad, var, lr)
                 return
-            tf.cond(finite, lambda: self._update_variable(grad, var, lr), lambda: None)
+            tf.cond(tf.math.is_finite(norm), lambda: self._update_variable(grad, var, lr), lambda: None)
 
         for grad, var in grads_and_vars:
-            distribution.extended.update(var, update, args=(grad, learning_rate, finite), group=False)
+            distribution.extended.update(var, update, args=(grad, learning_rate, norm), group=False)
 
     def _uses_decoupled_decay(self, variable):
         return (
