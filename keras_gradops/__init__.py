@@ -16,6 +16,7 @@ if keras.backend.backend() != "tensorflow":
 from keras_gradops import ops  # noqa: E402
 from keras_gradops.fan_in import fan_in_axes  # noqa: E402
 from keras_gradops.training import GradientOpsModel, GradientWrapperModel  # noqa: E402
+from keras_gradops.training.guessed import GuessedGradientModel  # noqa: E402
 from keras_gradops.optimizers import (  # noqa: E402
     SGDGC,
     SGDGCC,
@@ -34,7 +35,7 @@ from keras_gradops.optimizers import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "GradientOpsModel", "GradientWrapperModel",
+    "GradientOpsModel", "GradientWrapperModel", "GuessedGradientModel",
     "SGDGC", "SGDGCC", "SGDWGC", "SGDWGCC", "AdamGC", "AdamGCC", "AdamWGC", "AdamWGCC",
     "AdagradGC", "AdagradGCC", "centralized_class", "fan_in_axes", "ops",
     "with_gradient_centralization",

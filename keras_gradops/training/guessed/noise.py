@@ -2,7 +2,9 @@
 
 Stateless random ops with seeds computed at run time (never constants, which
 Grappler would fold) give the same numbers when a forward pass is recomputed,
-and let a test rebuild a guess from the seed.
+and let a test rebuild a guess from the seed. (XLA's kernels turn the same
+seed into other numbers than TensorFlow's own: a guess is reproducible within
+one mode.)
 """
 
 import tensorflow as tf
