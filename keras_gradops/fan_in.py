@@ -13,7 +13,7 @@ default the fan-in axes are all axes but the last. Some layers differ:
 | EinsumDense (and so MultiHeadAttention) | from the equation | kernel axes absent from the output |
 | Embedding | ``(vocab, dim)`` | none: rows have no incoming weights |
 | LayerNormalization over several axes, PReLU | per-element scales | none |
-| any weight named ``bias`` (GRU ``(2, 3 * units)``, EinsumDense) | a bias | none (without a mapping too) |
+| any weight named ``bias`` (GRU ``(2, 3 * units)``, EinsumDense) or ``embeddings`` | | none (without a mapping too) |
 
 A weight's fan-in axes can only be read from its layer, so for models with
 such layers build a mapping with :func:`fan_in_axes` and give it to an
@@ -51,10 +51,11 @@ def _einsum_axes(layer):
     return tuple(i for i, letter in enumerate(kernel_spec) if letter not in output)
 
 
-NO_FAN_IN_NAMES = ("bias",)
+NO_FAN_IN_NAMES = ("bias", "embeddings")
 """Weights with these names have no incoming weights, whatever their rank:
-Keras stores the GRU bias as ``(2, 3 * units)`` and EinsumDense (so
-MultiHeadAttention) biases as e.g. ``(heads, key_dim)``."""
+Keras stores the GRU bias as ``(2, 3 * units)``, EinsumDense (so
+MultiHeadAttention) biases as e.g. ``(heads, key_dim)``, and an Embedding
+table as ``(vocab, dim)`` (its gradient is dense once L2 decay is added)."""
 
 
 def _layer_rules(layer):
@@ -136,7 +137,7 @@ def _mapping_entry(mapping, path):
 
 def resolve_fan_in_axes(variable, mapping=None):
     """The fan-in axes of ``variable``: its entry in ``mapping``, else ``None``
-    for a weight named ``bias``, else :func:`default_fan_in_axes`.
+    for a weight named in :data:`NO_FAN_IN_NAMES`, else :func:`default_fan_in_axes`.
 
     Raises:
         ValueError: several ``mapping`` keys match ``variable`` with different axes.

@@ -135,6 +135,23 @@ def test_update_is_minus_the_centralized_gradient(case, kind):
             assert np.abs(g.mean(axis=axes)).max() > 1e-2 * np.abs(g).max(), variable.path  # GC did something
 
 
+@pytest.mark.parametrize("optimizer_class", [kgo.SGDGC, kgo.AdamGC])
+def test_embedding_is_not_centralized_without_mapping_even_when_l2_densifies_it(optimizer_class):
+    keras.utils.set_random_seed(0)
+    model = _model((3,), L.Embedding(7, 2), L.Flatten(), L.Dense(2), dtype="int32")
+    table = model.trainable_variables[0]
+    assert table.name == "embeddings"
+    kwargs = {"centralization": "update"} if optimizer_class is kgo.AdamGC else {}
+    optimizer = optimizer_class(learning_rate=1.0, weight_decay=0.5, **kwargs)
+    w0 = table.numpy()
+    grads, deltas = _gradients_and_update(model, optimizer, _inputs((3,), True))
+    g = tf.convert_to_tensor(grads[0]).numpy() + 0.5 * w0  # L2: every row moves
+    if optimizer_class is kgo.SGDGC:
+        np.testing.assert_allclose(-deltas[0], g, atol=2e-5)
+    else:  # Adam's first step, elementwise: lr * g / (|g| + eps / sqrt(1 - beta_2))
+        np.testing.assert_allclose(-deltas[0], g / (np.abs(g) + 1e-7 / np.sqrt(1 - 0.999)), atol=2e-5)
+
+
 @pytest.mark.parametrize("optimizer_class", [kgo.SGDGCC, kgo.SGDWGCC])
 def test_gcc_centralizes_conv_kernels_only(optimizer_class):
     keras.utils.set_random_seed(0)

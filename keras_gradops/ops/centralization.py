@@ -46,8 +46,8 @@ def centralization_axes(variable, conv_only=False, fan_in_axes=None):
     """The axes ``variable``'s gradient is centralized over, or ``None`` for none.
 
     Rank-1 variables (biases, normalisation scales) and weights named
-    ``bias`` (Keras' GRU and EinsumDense biases have rank 2) are never
-    centralized; with ``conv_only`` neither is anything of rank below 4. A unit whose
+    ``bias`` or ``embeddings`` (Keras' GRU and EinsumDense biases have rank 2)
+    are never centralized; with ``conv_only`` neither is anything of rank below 4. A unit whose
     fan-in holds a single weight is left alone: centralizing it would zero
     its gradient. ``fan_in_axes`` overrides the layout per variable path;
     a ``None`` entry excludes the variable.
