@@ -313,6 +313,10 @@ def test_with_gradient_centralization_bad_input():
         kgo.with_gradient_centralization(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()))
     with pytest.raises(TypeError, match="already"):
         kgo.with_gradient_centralization(kgo.SGDGC())
+    with pytest.raises(TypeError, match="Muon.*weight decay"):
+        kgo.with_gradient_centralization(keras.optimizers.Muon())
+    with pytest.raises(TypeError, match="optimizer_class"):
+        kgo.centralized_class(keras.layers.Dense)
 
 
 # ---------------------------------------------------------------- exclusion, fan-in override, non-finite steps
@@ -332,6 +336,24 @@ def test_exclude_from_centralization_by_name_and_by_variable():
     np.testing.assert_allclose(values[2] - variables[2].numpy(), grads[2], atol=1e-6)
     with pytest.raises(ValueError, match="built"):
         optimizer.exclude_from_centralization(var_names=["dense"])
+
+
+@pytest.mark.parametrize("cls", [kgo.SGDGC, kgo.SGDWGC], ids=["L2", "decoupled"])
+def test_exclude_from_weight_decay_works_for_l2_and_decoupled_decay(cls):
+    rng = np.random.default_rng(3)
+    kernel, bias = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    gk, gb = (rng.normal(size=(4, 3)) + 1).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    variables = [keras.Variable(kernel, name="kernel"), keras.Variable(bias, name="bias")]
+    optimizer = cls(learning_rate=0.1, weight_decay=0.5, name="custom_name")
+    assert optimizer.name == "custom_name"
+    optimizer.exclude_from_weight_decay(var_names=["bias"])
+    optimizer.apply([tf.constant(gk), tf.constant(gb)], variables)
+    if cls is kgo.SGDGC:
+        expected_kernel = kernel - 0.1 * np_gc(gk + 0.5 * kernel, False)
+    else:
+        expected_kernel = kernel - 0.1 * 0.5 * kernel - 0.1 * np_gc(gk, False)
+    np.testing.assert_allclose(variables[0].numpy(), expected_kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(variables[1].numpy(), bias - 0.1 * gb, rtol=1e-5, atol=1e-6)
 
 
 def test_fan_in_axes_override_and_exclusion():
