@@ -94,8 +94,13 @@ class GradientWrapperModel(keras.Model):
             ``fan_in_axes=None`` uses :func:`keras_gradops.fan_in_axes` of
             ``model``. Set clipping here, not on the optimizer.
         skip_nonfinite: if ``True``, a step whose aggregated gradient has a
-            NaN/Inf (global norm not finite) changes no weight and no optimizer
-            variable (``iterations`` included) and is counted in ``skipped_steps``.
+            NaN/Inf (its global norm is not finite, which also catches a sum of
+            squares beyond float32's range) changes no weight and no optimizer
+            variable, ``iterations`` included, and is counted in
+            ``skipped_steps``; ``grad_norm`` and ``clipped_fraction`` then
+            average the applied steps only. (The optimizers of
+            :mod:`keras_gradops.optimizers` offer the same guard without a
+            wrapper, ``skip_nonfinite=True``; theirs advances ``iterations``.)
         max_consecutive_skips: with ``skip_nonfinite``, stop ``fit`` (with a
             warning) after this many skipped steps in a row.
         layer_norms: ``True`` (every top-level layer with trainable weights) or
