@@ -1,0 +1,185 @@
+"""GuessedGradientModel as a Keras model: construction errors, fit, the shared train step, logs, saving."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_gradops as kgo
+from keras_gradops import GuessedGradientModel
+from keras_gradops.training.guessed import METHODS
+
+SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def mlp(*middle, inputs=8, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((inputs,)), keras.layers.Dense(16, activation="relu", name="h1"),
+                             *middle, keras.layers.Dense(3, name="out")])
+
+
+def problem():
+    """A 3-class problem labelled by a random linear teacher."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 8)).astype("float32")
+    return x, np.argmax(x @ rng.normal(size=(8, 3)), axis=1)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(method="forward_gradient"), "`method` must be one of"),
+    (dict(method="weight_transpose", num_guesses=0), "`num_guesses` must be an int >= 1"),
+    (dict(method="weight_transpose", num_guesses=True), "`num_guesses` must be an int >= 1"),
+    (dict(method="weight_transpose", num_guesses=2.0), "`num_guesses` must be an int >= 1"),
+    (dict(method="backprop", num_guesses=2), "Use num_guesses=1"),
+    (dict(method="directional_descent", recompute=True), "`recompute=True`"),
+    (dict(method="weight_transpose", recompute=1), "`recompute` must be a bool"),
+    (dict(method="weight_transpose", cosine_diagnostics="yes"), "`cosine_diagnostics` must be a bool"),
+    (dict(method="weight_transpose", seed=1.5), "`seed` must be an int"),
+])
+def test_bad_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GuessedGradientModel(mlp(), **kwargs)
+
+
+def test_models_that_cannot_be_guessed_raise():
+    with pytest.raises(TypeError, match="keras.Model"):
+        GuessedGradientModel(keras.layers.Dense(3), method="weight_transpose")
+    unbuilt = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="is not built"):
+        GuessedGradientModel(unbuilt, method="weight_transpose")
+    frozen = mlp()
+    frozen.trainable = False
+    with pytest.raises(ValueError, match="no trainable weights"):
+        GuessedGradientModel(frozen, method="activation_perturbation")
+    a, b = keras.Input((4,)), keras.Input((4,))
+    two_inputs = keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
+    with pytest.raises(ValueError, match="2 inputs"):
+        GuessedGradientModel(two_inputs, method="directional_descent")
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(4)(inputs)
+    branched = keras.Model(inputs, keras.layers.Add()([hidden, inputs]))
+    with pytest.raises(ValueError, match="takes 2 inputs"):
+        GuessedGradientModel(branched, method="backprop")
+
+
+@pytest.mark.parametrize("net,method,layer,supported", [
+    (lambda: keras.Sequential([keras.Input((5, 3)), keras.layers.LSTM(4, name="lstm"), keras.layers.Dense(2)]),
+     "activation_perturbation", "lstm", "backprop."),
+    (lambda: keras.Sequential([keras.Input((5,)), keras.layers.Embedding(10, 4, name="embed"),
+                               keras.layers.Flatten(), keras.layers.Dense(2)]),
+     "weight_transpose", "embed", "directional_descent, backprop."),
+    (lambda: keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3, name="conv"),
+                               keras.layers.Flatten(), keras.layers.Dense(2)]),
+     "weight_transpose", "conv", "directional_descent, activation_perturbation, activation_mixing, backprop."),
+    (lambda: mlp(keras.layers.Activation("relu", name="act")),
+     "one_layer_downstream", "act", "directional_descent, activation_perturbation, activation_mixing, backprop."),
+    (lambda: mlp(keras.layers.Dropout(0.5, name="drop")),
+     "weight_transpose", None, None),
+])
+def test_layer_support_errors_name_the_layer_and_the_methods_that_support_it(net, method, layer, supported):
+    if layer is None:  # supported: Dropout between Dense layers is the identity in the guess
+        GuessedGradientModel(net(), method=method)
+        return
+    with pytest.raises(ValueError) as error:
+        GuessedGradientModel(net(), method=method)
+    message = str(error.value)
+    assert f"Layer {layer!r}" in message and f"method={method!r}" in message
+    assert message.endswith(f"Methods that support it: {supported}")
+
+
+def test_recompute_and_num_guesses_reject_layers_that_would_change_between_passes():
+    with pytest.raises(ValueError, match="'drop'.*draws new random numbers"):
+        GuessedGradientModel(mlp(keras.layers.Dropout(0.2, name="drop")), method="weight_transpose", recompute=True)
+    with pytest.raises(ValueError, match="'bn'.*moving statistics"):
+        GuessedGradientModel(mlp(keras.layers.BatchNormalization(name="bn")), method="activation_perturbation",
+                             recompute=True)
+    with pytest.raises(ValueError, match="num_guesses=2.*'bn'"):
+        GuessedGradientModel(mlp(keras.layers.BatchNormalization(name="bn")), method="activation_perturbation",
+                             num_guesses=2)
+    model = GuessedGradientModel(mlp(keras.layers.LayerNormalization()), method="activation_mixing", recompute=True)
+    with pytest.raises(ValueError, match="compile"):
+        model.guess_gradients(np.zeros((2, 8), "float32"), np.zeros(2))
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,jit_compile", [(m, i % 2 == 0) for i, m in enumerate(METHODS)])
+def test_fit_lowers_the_training_loss(method, jit_compile):
+    x, y = problem()
+    model = GuessedGradientModel(mlp(), method=method, seed=1)
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss=SPARSE_CE, jit_compile=jit_compile)
+    before = model.evaluate(x, y, batch_size=256, verbose=0)
+    model.fit(x, y, batch_size=32, epochs=4, verbose=0)
+    assert model.evaluate(x, y, batch_size=256, verbose=0) < 0.9 * before
+
+
+def centralized(gradient):
+    return gradient - gradient.mean(axis=0, keepdims=True) if gradient.ndim > 1 else gradient
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_train_step_applies_the_guess_through_gradient_ops_and_the_optimizer(jit_compile):
+    """One step with global-norm clipping and SGDGC moves the weights by -lr * GC(clip(guess))."""
+    x, y = problem()
+    net = mlp()
+    before = [w.numpy() for w in net.trainable_variables]
+    twin = GuessedGradientModel(net, method="weight_transpose", seed=7)
+    twin.compile(optimizer="sgd", loss=SPARSE_CE)
+    guess = tf.function(lambda: twin.guess_gradients(x, y), jit_compile=jit_compile)()
+    guess = [g.numpy() for g in guess]
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in guess))
+    model = GuessedGradientModel(net, method="weight_transpose", seed=7, global_clipnorm=float(0.5 * norm))
+    model.compile(optimizer=kgo.SGDGC(learning_rate=0.1), loss=SPARSE_CE, jit_compile=jit_compile)
+    logs = model.fit(x, y, batch_size=256, epochs=1, shuffle=False, verbose=0).history
+    np.testing.assert_allclose(logs["grad_norm"][0], norm, rtol=1e-4)
+    for w0, w1, g in zip(before, net.trainable_variables, guess):
+        np.testing.assert_allclose(w1.numpy() - w0, -0.1 * centralized(0.5 * g), rtol=1e-3, atol=1e-6)
+
+
+def test_cosine_diagnostics_are_logged_as_means_overall_and_per_layer():
+    x, y = problem()
+    oracle = GuessedGradientModel(mlp(), method="backprop", cosine_diagnostics=True)
+    oracle.compile(optimizer="sgd", loss=SPARSE_CE)
+    logs = oracle.fit(x, y, batch_size=64, epochs=1, verbose=0).history
+    for name in ("cosine_similarity", "cosine_similarity/h1", "cosine_similarity/out"):
+        np.testing.assert_allclose(logs[name][0], 1.0, rtol=1e-5)
+    assert not any(k.startswith("cosine") for k in oracle.evaluate(x, y, verbose=0, return_dict=True))
+
+    net = mlp()
+    with tf.GradientTape() as tape:
+        loss = SPARSE_CE(y, net(x))
+    true = [g.numpy() for g in tape.gradient(loss, net.trainable_variables)]
+    twin = GuessedGradientModel(net, method="activation_perturbation", seed=3)
+    twin.compile(optimizer="sgd", loss=SPARSE_CE)
+    guess = [g.numpy() for g in twin.guess_gradients(x, y)]
+
+    def cosine(a, b):
+        return sum(np.sum(u * v) for u, v in zip(a, b)) / np.sqrt(sum(np.sum(u * u) for u in a) * sum(np.sum(v * v) for v in b))
+
+    model = GuessedGradientModel(net, method="activation_perturbation", seed=3, cosine_diagnostics=True)
+    model.compile(optimizer="sgd", loss=SPARSE_CE, jit_compile=False)  # XLA would draw other numbers
+    logs = model.fit(x, y, batch_size=256, epochs=1, shuffle=False, verbose=0).history
+    np.testing.assert_allclose(logs["cosine_similarity"][0], cosine(guess, true), rtol=1e-4)
+    np.testing.assert_allclose(logs["cosine_similarity/h1"][0], cosine(guess[:2], true[:2]), rtol=1e-4)
+
+
+def test_predict_save_load_and_export_are_the_wrapped_models(tmp_path):
+    x, y = problem()
+    net = mlp()
+    model = GuessedGradientModel(net, method="one_layer_downstream", num_guesses=2, seed=5)
+    model.compile(optimizer="adam", loss=SPARSE_CE)
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    expected = net.predict(x, verbose=0)
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, rtol=1e-6)
+    model.save(tmp_path / "guessed.keras")
+    loaded = keras.saving.load_model(tmp_path / "guessed.keras")
+    assert isinstance(loaded, GuessedGradientModel)
+    assert (loaded.method, loaded.num_guesses, loaded.seed) == ("one_layer_downstream", 2, 5)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, rtol=1e-6)
+    model.export(tmp_path / "exported")
+    served = tf.saved_model.load(str(tmp_path / "exported"))
+    np.testing.assert_allclose(served.serve(x).numpy(), expected, rtol=1e-5)
