@@ -5,12 +5,11 @@ the gradient ("Gradient Centralization", ECCV 2020, arXiv:2004.01461, the
 L2 norm and maximum of a layer's gradient against iterations, with and
 without GC): record one run per configuration with
 :class:`GradientStatsRecorder`, then draw them together with
-:func:`plot_gradient_stats`.
+:func:`plot_gradient_stats`. Plotting needs matplotlib (the ``examples``
+extra); recording does not.
 """
 
 import keras
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from keras_gradops.training.wrapper import GradientWrapperModel
 
@@ -101,7 +100,17 @@ def plot_gradient_stats(runs, path, title=None):
 
     Returns:
         ``path``.
+
+    Raises:
+        ImportError: matplotlib is not installed.
     """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            "plot_gradient_stats needs matplotlib: pip install 'keras-gradops[examples]' or matplotlib."
+        ) from error
     figure = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2)
