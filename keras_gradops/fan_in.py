@@ -13,7 +13,7 @@ default the fan-in axes are all axes but the last. Some layers differ:
 | EinsumDense (and so MultiHeadAttention) | from the equation | kernel axes absent from the output |
 | Embedding | ``(vocab, dim)`` | none: rows have no incoming weights |
 | LayerNormalization over several axes, PReLU | per-element scales | none |
-| any weight named ``bias`` (GRU ``(2, 3 * units)``, EinsumDense) or ``embeddings`` | | none (without a mapping too) |
+| weights named ``bias`` (GRU: ``(2, 3 * units)``) or ``embeddings`` | | none, even unmapped |
 
 A weight's fan-in axes can only be read from its layer, so for models with
 such layers build a mapping with :func:`fan_in_axes` and give it to an

@@ -156,7 +156,8 @@ def test_embedding_is_not_centralized_without_mapping_even_when_l2_densifies_it(
 def test_gcc_centralizes_conv_kernels_only(optimizer_class):
     keras.utils.set_random_seed(0)
     model = _model((6, 6, 2), L.Conv2D(3, 3), L.Reshape((16, 3)), L.Conv1D(2, 3), L.Flatten(), L.Dense(2))
-    grads, deltas = _gradients_and_update(model, optimizer_class(learning_rate=1.0), _inputs((6, 6, 2), False))
+    optimizer = optimizer_class(learning_rate=1.0)
+    grads, deltas = _gradients_and_update(model, optimizer, _inputs((6, 6, 2), False))
     for variable, grad, delta in zip(model.trainable_variables, grads, deltas):
         g = grad.numpy()
         expected = np_centralize(g, (0, 1, 2)) if len(g.shape) == 4 else g

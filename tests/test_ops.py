@@ -50,7 +50,8 @@ def np_centralize(g, axes):
 
 
 def np_agc(g, w, lam, eps, axes):
-    """Brock et al. 2021: per unit, if ||G_i|| / max(||W_i||, eps) > lam, G_i <- lam max(||W_i||, eps) G_i/||G_i||."""
+    """Brock et al. 2021, per unit i: if ||G_i|| / max(||W_i||, eps) > lam,
+    G_i <- lam * max(||W_i||, eps) * G_i / max(||G_i||, 1e-6)."""
     g = g.astype(np.float64)
     w = w.astype(np.float64)
     axes = tuple(range(w.ndim)) if w.ndim <= 1 else tuple(axes)
@@ -261,7 +262,8 @@ def test_adaptive_clip_zero_gradient_and_fan_in_override():
     bias = keras.Variable(rand(2, 6), name="bias")
     g_bias = rand(2, 6, scale=5.0)
     (clipped_bias,) = ops.adaptive_clip([tf.constant(g_bias)], [bias], clipping=0.02)
-    np.testing.assert_allclose(clipped_bias.numpy(), np_agc(g_bias, bias.numpy(), 0.02, 1e-3, (0, 1)), rtol=1e-5)
+    expected_bias = np_agc(g_bias, bias.numpy(), 0.02, 1e-3, (0, 1))
+    np.testing.assert_allclose(clipped_bias.numpy(), expected_bias, rtol=1e-5)
 
 
 def test_adaptive_clip_sparse_is_one_unit_and_stays_sparse():
@@ -294,6 +296,10 @@ def test_adaptive_clip_bad_arguments(kwargs, name):
     var = keras.Variable(rand(2, 2))
     with pytest.raises(ValueError, match=name):
         ops.adaptive_clip([tf.constant(rand(2, 2))], [var], **kwargs)
+
+
+def test_adaptive_clip_needs_aligned_lists():
+    var = keras.Variable(rand(2, 2))
     with pytest.raises(ValueError, match="gradients.*variables"):
         ops.adaptive_clip([tf.constant(rand(2, 2))], [var, var])
 

@@ -319,7 +319,7 @@ def test_with_gradient_centralization_bad_input():
         kgo.centralized_class(keras.layers.Dense)
 
 
-# ---------------------------------------------------------------- exclusion, fan-in override, non-finite steps
+# ---------------------------------------------------------------- exclusions, fan-in override, non-finite
 
 
 def test_exclude_from_centralization_by_name_and_by_variable():
@@ -359,7 +359,8 @@ def test_exclude_from_weight_decay_works_for_l2_and_decoupled_decay(cls):
 def test_fan_in_axes_override_and_exclusion():
     rng = np.random.default_rng(4)
     a, b = rng.normal(size=(3, 3, 4, 2)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
-    ga, gb = (rng.normal(size=a.shape) + 1).astype(np.float32), (rng.normal(size=b.shape) + 1).astype(np.float32)
+    ga = (rng.normal(size=a.shape) + 1).astype(np.float32)
+    gb = (rng.normal(size=b.shape) + 1).astype(np.float32)
     va, vb = keras.Variable(a, name="transposed"), keras.Variable(b, name="excluded")
     optimizer = kgo.SGDGC(learning_rate=1.0, fan_in_axes={va.path: (0, 1, 3), vb.path: None})
     optimizer.apply([tf.constant(ga), tf.constant(gb)], [va, vb])

@@ -159,7 +159,9 @@ def test_ema_averages_the_centralized_trajectory():
 
 def _dense_model(seed):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), keras.layers.Dense(2, dtype="float32")])
+    return keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(4), keras.layers.Dense(2, dtype="float32"),
+    ])
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
