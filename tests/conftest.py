@@ -18,7 +18,11 @@ tf.config.set_logical_device_configuration(
 import pytest  # noqa: E402
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def two_replica_strategy():
-    """A MirroredStrategy over the two logical CPU devices."""
+    """One MirroredStrategy over the two logical CPU devices, shared by all tests.
+
+    Separate MirroredStrategy objects in one process reuse collective keys, so
+    all-reduces of different shapes from different tests would collide.
+    """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
