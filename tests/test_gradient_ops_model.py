@@ -150,6 +150,31 @@ def test_one_step_applies_the_gradient_op_computed_by_hand(option):
         np.testing.assert_allclose(variable.numpy(), w - 0.1 * g, rtol=1e-5, atol=1e-6)
 
 
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(5, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(1))
+        self.out = keras.layers.Dense(3, kernel_initializer=keras.initializers.GlorotUniform(2))
+
+    def call(self, inputs):
+        return self.out(self.hidden(inputs))
+
+
+def test_an_unbuilt_subclassed_model_is_built_by_the_first_step():
+    x, y = data(8, (4,), 3, scale=5.0)
+    reference = Subclassed()
+    reference(x)
+    weights = [w.numpy() for w in reference.trainable_variables]
+    grads = by_hand("global_clipnorm", tape_gradients(reference, x, y), weights)
+    model = kgo.GradientOpsModel(Subclassed(), global_clipnorm=0.5)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse", jit_compile=True)
+
+    model.train_on_batch(x, y)
+
+    for variable, w, g in zip(model.trainable_variables, weights, grads):
+        np.testing.assert_allclose(variable.numpy(), w - 0.1 * g, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- non-finite steps
 
 

@@ -200,13 +200,12 @@ class GradientWrapperModel(keras.Model):
             ``loss`` aligned with ``self.trainable_variables`` (``None`` for no
             gradient), NOT loss-scaled and not yet summed over replicas.
         """
-        variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
+            y_pred = self(x, training=True)  # builds an unbuilt wrapped model
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
             self._build_optimizer()
             scaled_loss = self.optimizer.scale_loss(loss)
-        gradients = tape.gradient(scaled_loss, variables)
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
         return loss, y_pred, loss_scaling.unscale(gradients, loss_scaling.loss_scale(self.optimizer))
 
     # -- the train step ------------------------------------------------------------
