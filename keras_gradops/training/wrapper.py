@@ -212,9 +212,9 @@ class GradientWrapperModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        self._build_optimizer()
+        self._build_optimizer()  # before a gradient source reads the loss scale
         loss, y_pred, gradients = self.compute_gradients(x, y, sample_weight)
-        self._build_optimizer()
+        self._build_optimizer()  # once a first call has built the wrapped model
         self._track_loss(loss, x)
         variables = self.trainable_variables
         gradients = replicas.sum_over_replicas(gradients)
