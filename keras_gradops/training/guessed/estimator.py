@@ -73,6 +73,20 @@ def _times_per_example(d, y):
     return tf.reshape(d, tf.concat([tf.shape(d), tf.ones([y.shape.rank - 1], tf.int32)], 0)) * y
 
 
+def _after(tensors, x):
+    """``x``, available only once every tensor in ``tensors`` (``None`` skipped) is computed.
+
+    The executor runs any op whose inputs are ready; without this, the
+    forward pass runs ahead of its tangents (or of the updates), keeping
+    every layer's activations alive.
+    """
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return x
+    with tf.control_dependencies(tensors):
+        return tf.identity(x)
+
+
 def _add(total, value):
     if value is None:
         return total
@@ -89,7 +103,11 @@ class GradientGuesser:
         recompute: if ``True``, keep nothing per layer in the first pass; a
             second forward pass with the same seeds rebuilds each layer's input
             and guess for its update, layer after layer: activation memory
-            ``O(1)`` in depth for one more forward pass.
+            ``O(1)`` in depth for one more forward pass. Control dependencies
+            then make each layer of the first pass wait for the previous
+            layer's tangent, and each layer of the second pass for the previous
+            layer's update, so the executor cannot run ahead and hold
+            activations (this costs some overlap, hence only in this mode).
         variables: the trainable variables the gradients align with.
     """
 
@@ -99,12 +117,10 @@ class GradientGuesser:
         self.num_guesses = num_guesses
         self.recompute = recompute
         self.variables = list(variables)
-        position = {id(v): i for i, v in enumerate(self.variables)}
-        guessed = method in m.ACTIVATION_SPACE_METHODS
-        self.guessed_sites = stack.sites if guessed else []
+        self._position = {id(v): i for i, v in enumerate(self.variables)}
+        self.guessed_sites = stack.sites if method in m.ACTIVATION_SPACE_METHODS else []
         site_variables = {id(v) for site in self.guessed_sites for v in site.variables}
         self.perturbed = [v for v in self.variables if id(v) not in site_variables]
-        self._position = position
 
     def __call__(self, x, loss_fn, seed, training=True, true_gradient=False, record_draws=False):
         """Guesses the gradient of ``loss_fn`` for one batch.
@@ -121,6 +137,7 @@ class GradientGuesser:
         Returns:
             A :class:`GuessResult`.
         """
+        x = tf.convert_to_tensor(x)
         if self.method == m.BACKPROP:
             return self._backprop(x, loss_fn, training)
         gradients = [None] * len(self.variables)
@@ -143,8 +160,8 @@ class GradientGuesser:
                 for site, x_in, y in p["records"]:
                     for v, grad in zip(site.variables, site.weight_update(x_in, _times_per_example(p["d"], y))):
                         self._accumulate(gradients, v, grad)
-        scale = 1.0 / self.num_guesses
-        gradients = [None if g is None else g * tf.cast(scale, g.dtype) for g in gradients]
+        if self.num_guesses > 1:
+            gradients = [None if g is None else g / tf.cast(self.num_guesses, g.dtype) for g in gradients]
         first = passes[0]
         return GuessResult(
             loss=first["loss"], y_pred=first["y_pred"], gradients=gradients,
@@ -176,7 +193,7 @@ class GradientGuesser:
         probe = tf.zeros((), tf.float32)
 
         def guessed_site(site, x_in):
-            s = site.pre_activation(x_in)
+            s = site.pre_activation(_after([tangent_of(x_in)], x_in))
             y, draw = guess(self.method, site, s, self.stack.next_site(site), fold_in(seed, SITE_STREAM, site.index))
             draws[site.layer.name] = draw
             if not self.recompute:
@@ -184,12 +201,18 @@ class GradientGuesser:
             return site.activate(s + tf.cast(probe, s.dtype) * y)
 
         def exact_site(site, x_in):
-            return site.activate(site.pre_activation(x_in))
+            return site.activate(site.pre_activation(_after([tangent_of(x_in)], x_in)))
 
         site_fn = guessed_site if self.guessed_sites else exact_site
-        with tf.autodiff.ForwardAccumulator(
+        accumulator = tf.autodiff.ForwardAccumulator(
             [probe] + [v.value for v in self.perturbed], [tf.ones(())] + tangents
-        ) as accumulator:
+        )
+
+        def tangent_of(tensor):
+            # In the memory mode, a layer waits for the previous layer's tangent.
+            return accumulator.jvp(tensor) if self.recompute else None
+
+        with accumulator:
             y_pred = self.stack.run(x, site_fn, training)
         y_pred_tangent = accumulator.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         loss, objective, cotangent, regularization = self._loss_head(loss_fn, y_pred)
@@ -220,14 +243,11 @@ class GradientGuesser:
         known, and a layer runs only after the previous layer's update, so
         at most one layer's input and guesses are alive at a time.
         """
-        with tf.control_dependencies(ds):
-            x = tf.identity(x)
+        x = _after(ds, x)
         previous = []
 
         def site_update(site, x_in):
-            if previous:
-                with tf.control_dependencies(previous):
-                    x_in = tf.identity(x_in)
+            x_in = _after(previous, x_in)
             s = site.pre_activation(x_in)
             next_site = self.stack.next_site(site)
             cotangent = None
