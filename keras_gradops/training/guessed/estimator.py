@@ -141,6 +141,7 @@ class GradientGuesser:
         if self.method == m.BACKPROP:
             return self._backprop(x, loss_fn, training)
         gradients = [None] * len(self.variables)
+        true_gradients = None
         passes = []
         for k in range(self.num_guesses):
             tape = tf.GradientTape() if true_gradient and k == 0 else contextlib.nullcontext()
@@ -165,7 +166,7 @@ class GradientGuesser:
         first = passes[0]
         return GuessResult(
             loss=first["loss"], y_pred=first["y_pred"], gradients=gradients,
-            true_gradients=true_gradients if true_gradient else None,
+            true_gradients=true_gradients,
             draws=[p["draws"] for p in passes] if record_draws else None,
         )
 

@@ -13,7 +13,7 @@ from keras_gradops.training.guessed import methods as m
 from keras_gradops.training.guessed.noise import normal
 
 
-def activation_perturbation(site, s, seed):
+def activation_perturbation(s, seed):
     """``y ~ N(0, I)`` shaped as ``s``: unbiased, ``E[<g, y> y] = g``."""
     y = normal(seed, tf.shape(s), s.dtype, after=[s])
     return y, y
@@ -30,7 +30,7 @@ def weight_transpose(site, s, next_site, seed):
     The last layer (``next_site is None``) falls back to activation perturbation.
     """
     if next_site is None:
-        return activation_perturbation(site, s, seed)
+        return activation_perturbation(s, seed)
     eps = _next_layer_noise(s, next_site, seed)
     return site.pull_back(s, next_site.kernel_transpose(eps)), eps
 
@@ -44,7 +44,7 @@ def one_layer_downstream(site, s, next_site, seed):
     perturbation.
     """
     if next_site is None:
-        return activation_perturbation(site, s, seed)
+        return activation_perturbation(s, seed)
     eps = _next_layer_noise(s, next_site, seed)
     s_next = next_site.pre_activation(site.activate(s))
     return site.pull_back(s, next_site.kernel_transpose(next_site.pull_back(s_next, eps))), eps
@@ -74,7 +74,7 @@ def guess(method, site, s, next_site, seed):
     """
     s = tf.stop_gradient(s)
     if method == m.ACTIVATION_PERTURBATION:
-        y, draw = activation_perturbation(site, s, seed)
+        y, draw = activation_perturbation(s, seed)
     elif method == m.WEIGHT_TRANSPOSE:
         y, draw = weight_transpose(site, s, next_site, seed)
     elif method == m.ONE_LAYER_DOWNSTREAM:

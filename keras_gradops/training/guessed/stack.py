@@ -34,12 +34,16 @@ NORMALIZATION_LAYERS = (
 )
 # Between two Dense layers, weight_transpose and one_layer_downstream model these as the identity.
 _IDENTITY_IN_GUESS = (keras.layers.Dropout, *NORMALIZATION_LAYERS)
-_SITE_TYPES = {m.DIRECTIONAL_DESCENT: (keras.layers.Dense, keras.layers.Conv2D),
-               m.BACKPROP: (keras.layers.Dense, keras.layers.Conv2D),
-               m.ACTIVATION_PERTURBATION: (keras.layers.Dense, keras.layers.Conv2D),
-               m.ACTIVATION_MIXING: (keras.layers.Dense, keras.layers.Conv2D),
-               m.WEIGHT_TRANSPOSE: (keras.layers.Dense,),
-               m.ONE_LAYER_DOWNSTREAM: (keras.layers.Dense,)}
+_DENSE_OR_CONV = (keras.layers.Dense, keras.layers.Conv2D)
+# The layers each method can guess at their pre-activation (or, for the first two, run by hand).
+_SITE_TYPES = {
+    m.DIRECTIONAL_DESCENT: _DENSE_OR_CONV,
+    m.BACKPROP: _DENSE_OR_CONV,
+    m.ACTIVATION_PERTURBATION: _DENSE_OR_CONV,
+    m.ACTIVATION_MIXING: _DENSE_OR_CONV,
+    m.WEIGHT_TRANSPOSE: (keras.layers.Dense,),
+    m.ONE_LAYER_DOWNSTREAM: (keras.layers.Dense,),
+}
 
 
 class Site:
@@ -289,10 +293,6 @@ class LayerStack:
                         "(put activations in the Dense layer's `activation` argument)",
                         [mm for mm in _supporting_methods(layer) if mm not in m.NEXT_LAYER_METHODS],
                     )
-
-    def site_of(self, layer):
-        """The :class:`Site` of ``layer``, or ``None``."""
-        return self._site_of.get(id(layer))
 
     def next_site(self, site):
         """The site after ``site``, or ``None`` for the last one."""
