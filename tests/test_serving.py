@@ -9,6 +9,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_gradops as kgo
 from keras_gradops.serving import export_for_serving
@@ -96,13 +97,6 @@ class _Subclassed(keras.Model):
         return self.dense(x) if self.model is None else self.model(x)
 
 
-class _PackageWrapper(_Subclassed):
-    """Stands in for GuessedGradientModel / GradientOpsModel: a package class holding `.model`."""
-
-
-_PackageWrapper.__module__ = "keras_gradops.training.stand_in"
-
-
 def test_bad_models(tmp_path, trained):
     with pytest.raises(TypeError, match="model"):
         export_for_serving("not a model", tmp_path)
@@ -121,6 +115,21 @@ def test_bad_models(tmp_path, trained):
     with pytest.raises(ValueError, match="bad name"):
         export_for_serving(keras.Model(inputs, keras.layers.Dense(1)(inputs)), tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+def test_guessed_gradient_model_exports_its_network(tmp_path):
+    inputs = keras.Input((6,), name="features")
+    net = keras.Model(inputs, keras.layers.Dense(3, name="logits")(keras.layers.Dense(4, activation="relu")(inputs)),
+                      name="guessed_net")
+    model = kgo.GuessedGradientModel(net, method="weight_transpose", seed=0)
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(1).normal(size=(8, 6)).astype("float32")
+    model.fit(x, np.arange(8) % 3, verbose=0)
+    path = export_for_serving(model, tmp_path)
+    assert path == os.path.join(str(tmp_path), "guessed_net", "1")
+    served = tf.saved_model.load(path).signatures["serving_default"]
+    np.testing.assert_allclose(served(features=tf.constant(x))["logits"], net.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
 
 
 _FRESH_PROCESS = textwrap.dedent("""
@@ -151,8 +160,8 @@ def _predict(model, x):
 def test_fresh_tensorflow_process_and_saved_model_cli(tmp_path, trained):
     model, two_io, inputs = trained
     digits_path = export_for_serving(model, tmp_path / "models")
-    # A package wrapper exports its inner network: its own Dense layer is not served.
-    two_io_path = export_for_serving(_PackageWrapper(two_io), tmp_path / "models")
+    # A package wrapper exports the network it trains.
+    two_io_path = export_for_serving(kgo.GradientOpsModel(two_io, global_clipnorm=1.0), tmp_path / "models")
     assert two_io_path.endswith(os.path.join("two_io", "1"))
     np.savez(tmp_path / "digits.npz", pixels=inputs["x"])
     np.savez(tmp_path / "two_io.npz", pixels=inputs["pixels"], extra=inputs["extra"])
