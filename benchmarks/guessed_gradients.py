@@ -17,7 +17,7 @@ Three sections (``--sections``, default all):
   (``guessed_memory_probe.py``). Target 0.6 (with ``recompute=True``).
 
     python benchmarks/guessed_gradients.py                       # digits, small memory model
-    python benchmarks/guessed_gradients.py --data-dir /work/shared/tfds --epochs 8 \\
+    python benchmarks/guessed_gradients.py --data-dir /work/shared/tfds --epochs 40 \\
         --memory-width 2048 --memory-batch-size 4096             # the paper's data, 16x2048 MLP
 """
 
@@ -100,6 +100,7 @@ def mean_cosine(model, net, x, y, guesses):
 
 def accuracy_section(args):
     name, x_train, y_train, x_test, y_test = load_cifar10(args.data_dir) if args.data_dir else load_digits()
+    epochs = args.epochs or (40 if args.data_dir else 150)
     probe_x, probe_y = tf.constant(x_train[:args.batch_size]), tf.constant(y_train[:args.batch_size])
     rows = []
     for method in METHODS:
@@ -109,12 +110,12 @@ def accuracy_section(args):
         model.compile(optimizer=keras.optimizers.AdamW(args.learning_rate), loss=LOSS, metrics=["accuracy"],
                       jit_compile=args.jit_compile)
         cosine_init = mean_cosine(model, net, probe_x, probe_y, args.cosine_guesses)
-        model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, verbose=0)
+        model.fit(x_train, y_train, batch_size=args.batch_size, epochs=epochs, verbose=0)
         cosine_end = mean_cosine(model, net, probe_x, probe_y, args.cosine_guesses)
         _, train_accuracy = model.evaluate(x_train, y_train, batch_size=2048, verbose=0)
         _, test_accuracy = model.evaluate(x_test, y_test, batch_size=2048, verbose=0)
         rows.append((method, cosine_init, cosine_end, train_accuracy, test_accuracy, time.perf_counter() - start))
-    print(f"\n{name}: 3x128 ReLU MLP, AdamW(lr={args.learning_rate}), batch {args.batch_size}, {args.epochs} "
+    print(f"\n{name}: 3x128 ReLU MLP, AdamW(lr={args.learning_rate}), batch {args.batch_size}, {epochs} "
           f"epochs, jit_compile={args.jit_compile}; cosine = mean over {args.cosine_guesses} guesses on one "
           "training batch")
     print("| method | cosine at init | cosine at end | train accuracy | test accuracy | wall s |")
@@ -191,8 +192,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="accuracy,speed,memory")
     parser.add_argument("--data-dir", default=None, help="tensorflow-datasets directory holding cifar10")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--epochs", type=int, default=None, help="default: 40 on CIFAR-10, 150 on digits")
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--cosine-guesses", type=int, default=8)
     parser.add_argument("--jit-compile", action="store_true", help="train the accuracy section under XLA")
