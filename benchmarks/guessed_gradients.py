@@ -167,25 +167,30 @@ def memory_section(args):
     configs = [("keras", False), ("backprop", False), ("directional_descent", False), ("weight_transpose", False)]
     configs += [(m, True) for m in ("activation_perturbation", "weight_transpose", "one_layer_downstream",
                                     "activation_mixing")]
-    results = []
-    for method, recompute in configs:
-        command = [sys.executable, probe, "--method", method, "--depth", str(args.memory_depth),
-                   "--width", str(args.memory_width), "--batch-size", str(args.memory_batch_size)]
-        command += ["--recompute"] if recompute else []
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
-    base = results[0]["step_bytes"]
-    first = results[0]
+    results = {}
+    for _ in range(args.memory_repeats):  # interleaved: drift of the machine hits all alike
+        for method, recompute in configs:
+            command = [sys.executable, probe, "--method", method, "--depth", str(args.memory_depth),
+                       "--width", str(args.memory_width), "--batch-size", str(args.memory_batch_size)]
+            command += ["--recompute"] if recompute else []
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            result = json.loads(output.strip().splitlines()[-1])
+            results.setdefault((method, recompute), []).append(result)
+    base = statistics.median(r["step_bytes"] for r in results[configs[0]])
+    first = results[configs[0]][0]
     print(f"\npeak memory of a training step, {args.memory_depth}x{args.memory_width} ReLU MLP, batch "
-          f"{args.memory_batch_size}, SGD, jit_compile=False, one process each (weights "
-          f"{first['weight_bytes'] / MiB:.0f} MiB, one layer's activations {first['activation_bytes'] / MiB:.0f} "
-          "MiB); target <= 0.6 with recompute")
-    print("| method | recompute | step peak MiB | ratio to keras backprop |")
+          f"{args.memory_batch_size}, SGD, jit_compile=False, {args.memory_repeats} processes per configuration "
+          f"(weights {first['weight_bytes'] / MiB:.0f} MiB, one layer's activations "
+          f"{first['activation_bytes'] / MiB:.0f} MiB); ratio = median step peak / median keras step peak "
+          "(target <= 0.6 with recompute)")
+    print("| method | recompute | step peak MiB, median (min-max) | ratio to keras backprop, median (min-max) |")
     print("|---|---|---:|---:|")
-    for result in results:
-        label = "keras.Model (backprop)" if result["method"] == "keras" else result["method"]
-        print(f"| {label} | {result['recompute']} | {result['step_bytes'] / MiB:.0f} | "
-              f"{result['step_bytes'] / base:.2f} |")
+    for (method, recompute), runs in results.items():
+        peaks = sorted(r["step_bytes"] for r in runs)
+        label = "keras.Model (backprop)" if method == "keras" else method
+        median = statistics.median(peaks)
+        print(f"| {label} | {recompute} | {median / MiB:.0f} ({peaks[0] / MiB:.0f}-{peaks[-1] / MiB:.0f}) | "
+              f"{median / base:.2f} ({peaks[0] / base:.2f}-{peaks[-1] / base:.2f}) |")
 
 
 def main():
@@ -202,6 +207,7 @@ def main():
     parser.add_argument("--memory-depth", type=int, default=16)
     parser.add_argument("--memory-width", type=int, default=1024)
     parser.add_argument("--memory-batch-size", type=int, default=2048)
+    parser.add_argument("--memory-repeats", type=int, default=3, help="processes per memory configuration")
     args = parser.parse_args()
     sections = {"accuracy": accuracy_section, "speed": speed_section, "memory": memory_section}
     for name in args.sections.split(","):
