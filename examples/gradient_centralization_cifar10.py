@@ -12,7 +12,7 @@ few steps on a fixed batch, the L2 norm and the largest entry of the gradient
 that reaches the update (centralized for the GC optimizers) of the first
 convolution and the last dense layer.
 
-    python examples/gradient_centralization_cifar10.py --data-dir /work/shared/tfds   # ~25 min, 2 cores
+    python examples/gradient_centralization_cifar10.py --data-dir /work/shared/tfds   # ~20-25 min, 2 cores
     python examples/gradient_centralization_cifar10.py --quick                        # random stand-in data
 """
 
@@ -72,6 +72,9 @@ class GradientProbe(keras.callbacks.Callback):
     unit (``keras_gradops.ops.centralize``) when ``centralized``. Batch
     normalization runs in training mode as in a training step; its moving
     statistics are restored afterwards so the probe leaves training unchanged.
+    (``keras_gradops.callbacks.GradientStatsRecorder`` records the gradient of
+    a ``GradientOpsModel`` step instead: the batch changes every step, and the
+    GC optimizers centralize after it has looked.)
     """
 
     def __init__(self, batch, every, centralized):
@@ -160,7 +163,7 @@ def main(argv=None):
     parser = example_utils.argument_parser("gradient_centralization_cifar10", __doc__.splitlines()[0])
     example_utils.add_data_dir_argument(parser)
     parser.add_argument("--num-train", type=int, default=None,
-                        help="training examples used (the first N); default 25000 (--quick: 256)")
+                        help="training examples used (the first N); default 20000 (--quick: 256)")
     parser.add_argument("--num-test", type=int, default=None, help="default 10000, all (--quick: 128)")
     parser.add_argument("--epochs", type=int, default=None, help="default 6 (--quick: 1)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds; default 3 (--quick: 2)")
@@ -175,7 +178,7 @@ def main(argv=None):
     parser.add_argument("--verbose", type=int, default=1, help="Keras fit verbosity (1: progress bars)")
     args = parser.parse_args(argv)
     quick = args.quick
-    args.num_train = args.num_train or (256 if quick else 25000)
+    args.num_train = args.num_train or (256 if quick else 20000)
     args.num_test = args.num_test or (128 if quick else 10000)
     args.epochs = args.epochs or (1 if quick else 6)
     args.seeds = args.seeds or (2 if quick else 3)

@@ -93,7 +93,7 @@ def main(argv=None):
                         choices=list(GUESS_METHODS) + [KERAS_BACKPROP])
     parser.add_argument("--num-train", type=int, default=None, help="default 50000, all (--quick: 512)")
     parser.add_argument("--num-test", type=int, default=None, help="default 10000, all (--quick: 256)")
-    parser.add_argument("--epochs", type=int, default=None, help="default 10 (--quick: 2)")
+    parser.add_argument("--epochs", type=int, default=None, help="default 20 (--quick: 2)")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -104,7 +104,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.num_train = args.num_train or (512 if args.quick else 50000)
     args.num_test = args.num_test or (256 if args.quick else 10000)
-    args.epochs = args.epochs or (2 if args.quick else 10)
+    args.epochs = args.epochs or (2 if args.quick else 20)
     args.jit_compile = not args.quick if args.jit_compile is None else args.jit_compile
 
     splits = example_utils.cifar10(args, (args.num_train, args.num_test))

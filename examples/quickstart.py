@@ -8,8 +8,8 @@ centralization (Yong et al., ECCV 2020). Prints final train/test accuracy and
 training time, saves the curves, and exports the model with the better test
 accuracy for TensorFlow Serving into ``saved_models/digits_mlp/<version>/``.
 
-    python examples/quickstart.py            # about a minute on 2 CPU cores
-    python examples/quickstart.py --quick    # a few seconds
+    python examples/quickstart.py            # ~20 s on 2 CPU cores
+    python examples/quickstart.py --quick    # ~5 s
 """
 
 import os
