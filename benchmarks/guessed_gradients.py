@@ -13,12 +13,14 @@ Three sections (``--sections``, default all):
   all models built first, then timed interleaved (one step of each per round),
   the median of the per-round ratios; jit_compile True and False. Target 1.0.
 - ``memory``: peak memory of a training step relative to backprop on a deep
-  wide ReLU MLP, each configuration in its own process
-  (``guessed_memory_probe.py``). Target 0.6 (with ``recompute=True``).
+  wide ReLU MLP, each configuration in ``--memory-repeats`` fresh processes
+  (``guessed_memory_probe.py``), median and range: TensorFlow's executor runs
+  independent ops in a different order from run to run, and the peak follows.
+  Target 0.6 (with ``recompute=True``).
 
     python benchmarks/guessed_gradients.py                       # digits, small memory model
     python benchmarks/guessed_gradients.py --data-dir /work/shared/tfds --epochs 40 \\
-        --memory-width 2048 --memory-batch-size 4096             # the paper's data, 16x2048 MLP
+        --memory-width 2048 --memory-batch-size 4096 --memory-repeats 2   # CIFAR-10, 16x2048 MLP
 """
 
 import argparse

@@ -1,5 +1,7 @@
 """GuessedGradientModel as a Keras model: construction errors, fit, the shared train step, logs, saving."""
 
+import doctest
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,7 +9,7 @@ import keras
 
 import keras_gradops as kgo
 from keras_gradops import GuessedGradientModel
-from keras_gradops.training.guessed import METHODS
+from keras_gradops.training.guessed import METHODS, diagnostics, model as model_module
 
 SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -183,3 +185,9 @@ def test_predict_save_load_and_export_are_the_wrapped_models(tmp_path):
     model.export(tmp_path / "exported")
     served = tf.saved_model.load(str(tmp_path / "exported"))
     np.testing.assert_allclose(served.serve(x).numpy(), expected, rtol=1e-5)
+
+
+def test_docstring_examples_are_true():
+    for module in (model_module, diagnostics):
+        failures, attempted = doctest.testmod(module, extraglobs={"keras": keras, "np": np, "tf": tf})
+        assert failures == 0 and attempted > 0, module.__name__

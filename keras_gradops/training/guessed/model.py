@@ -68,6 +68,14 @@ class GuessedGradientModel(GradientWrapperModel):
         ValueError: an unknown method, ``num_guesses < 1``, a model that is not
             built, has no trainable weights or holds a layer the method does not
             support (the message names the methods that do).
+
+    Example:
+        >>> net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu"),
+        ...                         keras.layers.Dense(2)])
+        >>> model = GuessedGradientModel(net, method="weight_transpose", seed=0)
+        >>> model.compile(optimizer="adam", loss="mse")
+        >>> [tuple(g.shape) for g in model.guess_gradients(np.ones((5, 3)), np.zeros((5, 2)))]
+        [(3, 4), (4,), (4, 2), (2,)]
     """
 
     def __init__(self, model, method, num_guesses=1, recompute=False, cosine_diagnostics=False, seed=None,
