@@ -365,3 +365,12 @@ def test_docstring_examples(module):
                              optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("threshold", [np.float32(0.5), np.float64(0.5)])
+def test_numpy_scalar_thresholds_are_accepted(threshold):
+    gradient = tf.constant([3.0, 4.0])
+    clipped, norm = ops.clip_by_global_norm([gradient], threshold)
+    np.testing.assert_allclose(clipped[0].numpy(), [0.3, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(ops.clip_by_norm([gradient], threshold)[0].numpy(), [0.3, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(ops.clip_by_value([gradient], threshold)[0].numpy(), [0.5, 0.5])

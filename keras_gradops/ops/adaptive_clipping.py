@@ -11,6 +11,7 @@ gradient norm is floored at ``1e-6`` in the division.
 import tensorflow as tf
 
 from keras_gradops.fan_in import resolve_fan_in_axes
+from keras_gradops.ops.clipping import check_threshold
 from keras_gradops.ops._dtypes import to_float32, values_of
 
 GRADIENT_NORM_FLOOR = 1e-6
@@ -57,9 +58,8 @@ def adaptive_clip(gradients, variables, clipping=0.01, eps=1e-3, fan_in_axes=Non
         >>> [round(x, 6) for x in g.numpy().ravel().tolist()]  # ||G|| = 50 > 0.1 * ||W|| = 0.5
         [0.3, 0.4]
     """
-    for name, value in (("clipping", clipping), ("eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
+    check_threshold(clipping, "clipping")
+    check_threshold(eps, "eps")
     if len(gradients) != len(variables):
         raise ValueError(
             f"`gradients` and `variables` must align one to one. Received "
