@@ -16,9 +16,14 @@ import tensorflow as tf
 from keras_gradops.ops._dtypes import map_values, to_float32, values_of
 
 
+def is_positive_number(value):
+    """``True`` for a positive real number (NumPy scalars too), ``False`` for bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
+
+
 def check_threshold(value, name):
-    """Raises ``ValueError`` unless ``value`` is a positive real number (NumPy scalars too)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    """Raises ``ValueError`` unless ``value`` is a positive real number."""
+    if not is_positive_number(value):
         raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
 
 

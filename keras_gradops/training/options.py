@@ -14,7 +14,6 @@ the same :mod:`keras_gradops.ops`.
 """
 
 import dataclasses
-import numbers
 
 import tensorflow as tf
 
@@ -27,13 +26,10 @@ from keras_gradops.ops import (
     global_norm,
 )
 from keras_gradops.ops._dtypes import to_float32, values_of
+from keras_gradops.ops.clipping import is_positive_number
 from keras_gradops.optimizers.validation import validate_fan_in_axes
 
 CLIPPING_OPTIONS = ("global_clipnorm", "clipnorm", "clipvalue", "adaptive_clipping")
-
-
-def _is_positive_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +68,7 @@ class GradientOps:
     def __post_init__(self):
         for name in (*CLIPPING_OPTIONS, "adaptive_clipping_eps"):
             value = getattr(self, name)
-            if value is not None and not _is_positive_number(value):
+            if value is not None and not is_positive_number(value):
                 raise ValueError(f"`{name}` must be a positive number or None. Received: {name}={value!r}")
         chosen = [f"{n}={getattr(self, n)}" for n in CLIPPING_OPTIONS if getattr(self, n) is not None]
         if len(chosen) > 1:
