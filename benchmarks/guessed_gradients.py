@@ -108,7 +108,8 @@ def accuracy_section(args):
     for method in METHODS:
         start = time.perf_counter()
         net = mlp(x_train.shape[1])
-        model = kgo.GuessedGradientModel(net, method=method, seed=1)
+        noise = args.noise if method != "backprop" else "normal"
+        model = kgo.GuessedGradientModel(net, method=method, seed=1, noise=noise)
         model.compile(optimizer=keras.optimizers.AdamW(args.learning_rate), loss=LOSS, metrics=["accuracy"],
                       jit_compile=args.jit_compile)
         cosine_init = mean_cosine(model, net, probe_x, probe_y, args.cosine_guesses)
@@ -118,7 +119,7 @@ def accuracy_section(args):
         _, test_accuracy = model.evaluate(x_test, y_test, batch_size=2048, verbose=0)
         rows.append((method, cosine_init, cosine_end, train_accuracy, test_accuracy, time.perf_counter() - start))
     print(f"\n{name}: 3x128 ReLU MLP, AdamW(lr={args.learning_rate}), batch {args.batch_size}, {epochs} "
-          f"epochs, jit_compile={args.jit_compile}; cosine = mean over {args.cosine_guesses} guesses on one "
+          f"epochs, jit_compile={args.jit_compile}, noise {args.noise}; cosine = mean over {args.cosine_guesses} guesses on one "
           "training batch")
     print("| method | cosine at init | cosine at end | train accuracy | test accuracy | wall s |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -133,13 +134,15 @@ def speed_section(args):
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal((args.batch_size, 3072)).astype("float32"))
     y = tf.constant(rng.integers(0, 10, args.batch_size))
-    configs = [("keras.Model (backprop)", None, False)] + [(m, m, False) for m in METHODS]
-    configs += [(f"{m} (recompute)", m, True) for m in ("activation_perturbation", "weight_transpose")]
+    configs = [("keras.Model (backprop)", None, dict())] + [(m, m, dict()) for m in METHODS]
+    configs += [(f"{m}, rademacher", m, dict(noise="rademacher")) for m in GUESSING_METHODS]
+    configs += [(f"{m} (recompute), {noise}", m, dict(recompute=True, noise=noise))
+                for m in ("activation_perturbation", "weight_transpose") for noise in ("normal", "rademacher")]
     for jit_compile in (True, False):
         models = {}
-        for label, method, recompute in configs:
+        for label, method, kwargs in configs:
             net = mlp(3072)
-            model = net if method is None else kgo.GuessedGradientModel(net, method=method, recompute=recompute)
+            model = net if method is None else kgo.GuessedGradientModel(net, method=method, **kwargs)
             model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss=LOSS, jit_compile=jit_compile)
             for _ in range(args.warmup):
                 model.train_on_batch(x, y)
@@ -153,7 +156,7 @@ def speed_section(args):
         base = np.array(times[configs[0][0]])
         print(f"\nstep time, 3x128 MLP on 3072 inputs, batch {args.batch_size}, AdamW, jit_compile={jit_compile}: "
               f"{args.rounds} interleaved rounds, median of per-round ratios to the keras.Model backprop step "
-              "(target <= 1.0)")
+              "(target <= 1.0); noise normal unless named")
         print("| method | median ms | ratio to backprop step |")
         print("|---|---:|---:|")
         for label in models:
@@ -204,6 +207,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--cosine-guesses", type=int, default=8)
     parser.add_argument("--jit-compile", action="store_true", help="train the accuracy section under XLA")
+    parser.add_argument("--noise", default="normal", choices=["normal", "rademacher"],
+                        help="the guesses' noise in the accuracy section")
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds of the speed section")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--memory-depth", type=int, default=16)

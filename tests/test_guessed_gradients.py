@@ -16,6 +16,7 @@ import tensorflow as tf
 import keras
 
 from keras_gradops import GuessedGradientModel
+from keras_gradops.training.guessed import noise
 
 MSE = keras.losses.MeanSquaredError()
 SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -94,13 +95,18 @@ def batch():
     return rng.normal(size=(6, 5)).astype("float32"), rng.normal(size=(6, 2)).astype("float32")
 
 
+@pytest.mark.parametrize("noise", ["normal", "rademacher"])
 @pytest.mark.parametrize("method", ["activation_perturbation", "weight_transpose",
                                     "one_layer_downstream", "activation_mixing"])
-def test_activation_space_guess_matches_its_definition(method):
+def test_activation_space_guess_matches_its_definition(method, noise):
     net = hand_mlp()
     x, y = batch()
-    model = wrapped(net, method, num_guesses=2)
+    model = wrapped(net, method, num_guesses=2, noise=noise)
     grads, draws = model.guess_gradients(x, y, seed=3, return_draws=True)
+    if noise == "rademacher":  # +-1 (the mixing matrix: +-1/sqrt(B))
+        scale = 1 / np.sqrt(len(x)) if method == "activation_mixing" else 1.0
+        signs = np.concatenate([v.numpy().ravel() for d in draws for v in d.values()])
+        np.testing.assert_allclose(np.unique(signs), [-scale, scale], rtol=1e-6)
     fb = numpy_forward_backward(net, x, y)
     per_guess = [update_from_guesses(fb, expected_guesses(method, fb, {k: v.numpy() for k, v in d.items()}))
                  for d in draws]
@@ -109,10 +115,12 @@ def test_activation_space_guess_matches_its_definition(method):
         np.testing.assert_allclose(got.numpy(), (first + second) / 2, rtol=2e-4, atol=1e-6)
 
 
-def test_directional_descent_is_directional_derivative_times_tangent():
+@pytest.mark.parametrize("noise", ["normal", "rademacher"])
+def test_directional_descent_is_directional_derivative_times_tangent(noise):
     net = hand_mlp()
     x, y = batch()
-    grads, draws = wrapped(net, "directional_descent").guess_gradients(x, y, seed=5, return_draws=True)
+    model = wrapped(net, "directional_descent", noise=noise)
+    grads, draws = model.guess_gradients(x, y, seed=5, return_draws=True)
     true = tape_gradient(net, x, y)
     tangents = [draws[0][v.path].numpy() for v in net.trainable_variables]
     derivative = sum(np.sum(g * v) for g, v in zip(true, tangents))
@@ -173,28 +181,30 @@ def z_scores(samples, true):
     return np.where(exact, 0.0, error / np.maximum(standard_error, 1e-30))
 
 
-def sampled_guesses(net, method, x, y, loss, count):
-    model = wrapped(net, method, loss=loss)
+def sampled_guesses(net, method, x, y, loss, count, noise="normal"):
+    model = wrapped(net, method, loss=loss, noise=noise)
     guess = tf.function(lambda seed: tf.concat([tf.reshape(g, [-1]) for g in model.guess_gradients(x, y, seed=seed)], 0))
     return np.stack([guess(tf.constant([i, 17])).numpy() for i in range(count)])
 
 
 UNBIASED_CASES = [
-    ("directional_descent", hand_mlp, (6, 5), MSE),
-    ("activation_perturbation", hand_mlp, (6, 5), MSE),
-    ("directional_descent", conv_net, (4, 5, 5, 2), SPARSE_CE),
-    ("activation_perturbation", conv_net, (4, 5, 5, 2), SPARSE_CE),
-    ("activation_perturbation", normalised_net, (6, 5), SPARSE_CE),
+    ("directional_descent", hand_mlp, (6, 5), MSE, "normal"),
+    ("activation_perturbation", hand_mlp, (6, 5), MSE, "normal"),
+    ("directional_descent", conv_net, (4, 5, 5, 2), SPARSE_CE, "normal"),
+    ("activation_perturbation", conv_net, (4, 5, 5, 2), SPARSE_CE, "normal"),
+    ("activation_perturbation", normalised_net, (6, 5), SPARSE_CE, "normal"),
+    ("directional_descent", hand_mlp, (6, 5), MSE, "rademacher"),
+    ("activation_perturbation", conv_net, (4, 5, 5, 2), SPARSE_CE, "rademacher"),
 ]
 
 
-@pytest.mark.parametrize("method,make_net,x_shape,loss", UNBIASED_CASES)
-def test_mean_of_guesses_is_the_true_gradient(method, make_net, x_shape, loss):
+@pytest.mark.parametrize("method,make_net,x_shape,loss,noise", UNBIASED_CASES)
+def test_mean_of_guesses_is_the_true_gradient(method, make_net, x_shape, loss, noise):
     net = make_net()
     rng = np.random.default_rng(1)
     x = rng.normal(size=x_shape).astype("float32")
     y = rng.normal(size=(x_shape[0], 2)).astype("float32") if loss is MSE else rng.integers(0, 3, x_shape[0])
-    samples = sampled_guesses(net, method, x, y, loss, count=1500)
+    samples = sampled_guesses(net, method, x, y, loss, count=1500, noise=noise)
     true = np.concatenate([g.ravel() for g in tape_gradient(net, x, y, loss)])
     z = z_scores(samples, true)
     assert np.max(np.abs(z)) < 5.0, np.round(z, 1)
@@ -258,3 +268,18 @@ def test_cosine_similarity_at_init_orders_as_the_paper():
     assert mean_cosine["one_layer_downstream"] > mean_cosine["activation_perturbation"]
     assert mean_cosine["activation_perturbation"] > 5 * mean_cosine["directional_descent"] > 0
 
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("shape", [(4000, 6), (3, 37)])
+def test_rademacher_draws_are_independent_fair_signs(jit_compile, shape):
+    """+-1 only, mean 0 and covariance I within 5 standard errors (1/sqrt(n) for each entry)."""
+    draw = tf.function(lambda seed: noise.draw("rademacher", seed, shape, tf.float32), jit_compile=jit_compile)
+    first, second = draw(tf.constant([5, 6], tf.int64)).numpy(), draw(tf.constant([5, 7], tf.int64)).numpy()
+    assert first.shape == shape and set(np.unique(first)) == {-1.0, 1.0}
+    assert np.mean(first != second) > 0.4  # another seed, other signs
+    samples = np.concatenate([first, second]).reshape(-1, 6 if shape[1] == 6 else 1)
+    n = samples.shape[0]
+    assert np.max(np.abs(samples.mean(axis=0))) < 5 / np.sqrt(n)
+    covariance = samples.T @ samples / n
+    assert np.max(np.abs(covariance - np.eye(samples.shape[1]))) < 5 / np.sqrt(n)

@@ -40,6 +40,8 @@ def problem():
     (dict(method="weight_transpose", recompute=1), "`recompute` must be a bool"),
     (dict(method="weight_transpose", cosine_diagnostics="yes"), "`cosine_diagnostics` must be a bool"),
     (dict(method="weight_transpose", seed=1.5), "`seed` must be an int"),
+    (dict(method="weight_transpose", noise="uniform"), "`noise` must be one of"),
+    (dict(method="backprop", noise="rademacher"), "draws no noise"),
 ])
 def test_bad_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -172,7 +174,7 @@ def test_cosine_diagnostics_are_logged_as_means_overall_and_per_layer():
 def test_predict_save_load_and_export_are_the_wrapped_models(tmp_path):
     x, y = problem()
     net = mlp()
-    model = GuessedGradientModel(net, method="one_layer_downstream", num_guesses=2, seed=5)
+    model = GuessedGradientModel(net, method="one_layer_downstream", num_guesses=2, seed=5, noise="rademacher")
     model.compile(optimizer="adam", loss=SPARSE_CE)
     model.fit(x, y, batch_size=64, epochs=1, verbose=0)
     expected = net.predict(x, verbose=0)
@@ -180,7 +182,7 @@ def test_predict_save_load_and_export_are_the_wrapped_models(tmp_path):
     model.save(tmp_path / "guessed.keras")
     loaded = keras.saving.load_model(tmp_path / "guessed.keras")
     assert isinstance(loaded, GuessedGradientModel)
-    assert (loaded.method, loaded.num_guesses, loaded.seed) == ("one_layer_downstream", 2, 5)
+    assert (loaded.method, loaded.num_guesses, loaded.seed, loaded.noise) == ("one_layer_downstream", 2, 5, "rademacher")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, rtol=1e-6)
     model.export(tmp_path / "exported")
     served = tf.saved_model.load(str(tmp_path / "exported"))

@@ -36,7 +36,7 @@ import tensorflow as tf
 
 from keras_gradops.training.guessed import methods as m
 from keras_gradops.training.guessed.guesses import guess
-from keras_gradops.training.guessed.noise import SITE_STREAM, VARIABLE_STREAM, fold_in, normal
+from keras_gradops.training.guessed.noise import SITE_STREAM, VARIABLE_STREAM, draw, fold_in
 
 
 @dataclasses.dataclass
@@ -109,10 +109,13 @@ class GradientGuesser:
             layer's update, so the executor cannot run ahead and hold
             activations (this costs some overlap, hence only in this mode).
         variables: the trainable variables the gradients align with.
+        noise: the distribution of every draw, ``"normal"`` or ``"rademacher"``
+            (:mod:`~keras_gradops.training.guessed.noise`).
     """
 
-    def __init__(self, stack, method, num_guesses, recompute, variables):
+    def __init__(self, stack, method, num_guesses, recompute, variables, noise="normal"):
         self.stack = stack
+        self.noise = noise
         self.method = method
         self.num_guesses = num_guesses
         self.recompute = recompute
@@ -187,7 +190,7 @@ class GradientGuesser:
     def _guess_pass(self, x, loss_fn, seed, training):
         """One forward pass with tangents: the per-example derivative ``d`` and what the update needs."""
         tangents = [
-            normal(fold_in(seed, VARIABLE_STREAM, j), v.shape, v.dtype) for j, v in enumerate(self.perturbed)
+            draw(self.noise, fold_in(seed, VARIABLE_STREAM, j), v.shape, v.dtype) for j, v in enumerate(self.perturbed)
         ]
         draws = {v.path: t for v, t in zip(self.perturbed, tangents)}
         records = []
@@ -195,8 +198,9 @@ class GradientGuesser:
 
         def guessed_site(site, x_in):
             s = site.pre_activation(_after([tangent_of(x_in)], x_in))
-            y, draw = guess(self.method, site, s, self.stack.next_site(site), fold_in(seed, SITE_STREAM, site.index))
-            draws[site.layer.name] = draw
+            y, site_draw = guess(self.method, site, s, self.stack.next_site(site),
+                                 fold_in(seed, SITE_STREAM, site.index), self.noise)
+            draws[site.layer.name] = site_draw
             if not self.recompute:
                 records.append((site, x_in, y))
             return site.activate(s + tf.cast(probe, s.dtype) * y)
@@ -254,7 +258,7 @@ class GradientGuesser:
             cotangent = None
             for k, d in enumerate(ds):
                 site_seed = fold_in(fold_in(seed, k), SITE_STREAM, site.index)
-                y, _ = guess(self.method, site, s, next_site, site_seed)
+                y, _ = guess(self.method, site, s, next_site, site_seed, self.noise)
                 cotangent = _add(cotangent, _times_per_example(d, y))
             updates = site.weight_update(x_in, cotangent)
             for v, grad in zip(site.variables, updates):

@@ -10,32 +10,32 @@ being what a test needs to rebuild ``y``.
 import tensorflow as tf
 
 from keras_gradops.training.guessed import methods as m
-from keras_gradops.training.guessed.noise import normal
+from keras_gradops.training.guessed.noise import draw as draw_noise
 
 
-def activation_perturbation(s, seed):
+def activation_perturbation(s, seed, noise):
     """``y ~ N(0, I)`` shaped as ``s``: unbiased, ``E[<g, y> y] = g``."""
-    y = normal(seed, tf.shape(s), s.dtype, after=[s])
+    y = draw_noise(noise, seed, tf.shape(s), s.dtype, after=[s])
     return y, y
 
 
-def _next_layer_noise(s, next_site, seed):
+def _next_layer_noise(s, next_site, seed, noise):
     shape = tf.concat([tf.shape(s)[:-1], [next_site.units]], axis=0)
-    return normal(seed, shape, s.dtype, after=[s])
+    return draw_noise(noise, seed, shape, s.dtype, after=[s])
 
 
-def weight_transpose(site, s, next_site, seed):
+def weight_transpose(site, s, next_site, seed, noise):
     """``y = J_act(s)^T (eps W_{l+1}^T)``, ``eps ~ N(0, I)`` at the next layer's pre-activation.
 
     The last layer (``next_site is None``) falls back to activation perturbation.
     """
     if next_site is None:
-        return activation_perturbation(s, seed)
-    eps = _next_layer_noise(s, next_site, seed)
+        return activation_perturbation(s, seed, noise)
+    eps = _next_layer_noise(s, next_site, seed, noise)
     return site.pull_back(s, next_site.kernel_transpose(eps)), eps
 
 
-def one_layer_downstream(site, s, next_site, seed):
+def one_layer_downstream(site, s, next_site, seed, noise):
     """``y = J_act(s)^T ((J_act'(s')^T eps) W_{l+1}^T)``: ``eps`` at the next layer's output.
 
     ``s' = act(s) W_{l+1} + b_{l+1}`` is the next layer's pre-activation, so
@@ -44,22 +44,22 @@ def one_layer_downstream(site, s, next_site, seed):
     perturbation.
     """
     if next_site is None:
-        return activation_perturbation(s, seed)
-    eps = _next_layer_noise(s, next_site, seed)
+        return activation_perturbation(s, seed, noise)
+    eps = _next_layer_noise(s, next_site, seed, noise)
     s_next = next_site.pre_activation(site.activate(s))
     return site.pull_back(s, next_site.kernel_transpose(next_site.pull_back(s_next, eps))), eps
 
 
-def activation_mixing(site, s, seed):
+def activation_mixing(site, s, seed, noise):
     """``y = J_act(s)^T (M act(s))``, ``M_bc ~ N(0, 1/B)`` mixing the batch's own outputs."""
     batch = tf.shape(s)[0]
-    mixing = normal(seed, tf.stack([batch, batch]), s.dtype, after=[s])
+    mixing = draw_noise(noise, seed, tf.stack([batch, batch]), s.dtype, after=[s])
     mixing = mixing / tf.sqrt(tf.cast(batch, s.dtype))
     mixed = tf.tensordot(mixing, site.activate(s), axes=[[1], [0]])
     return site.pull_back(s, mixed), mixing
 
 
-def guess(method, site, s, next_site, seed):
+def guess(method, site, s, next_site, seed, noise):
     """The guess of ``method`` for ``site`` at pre-activation ``s`` (no gradient flows into it).
 
     Args:
@@ -68,19 +68,20 @@ def guess(method, site, s, next_site, seed):
         s: its pre-activation.
         next_site: the next site, or ``None`` for the last.
         seed: the ``[2]`` seed of this site's draws.
+        noise: the distribution of the draws, ``"normal"`` or ``"rademacher"``.
 
     Returns:
         ``(y, draw)``: ``y`` shaped as ``s``; ``draw`` the random tensor it was made from.
     """
     s = tf.stop_gradient(s)
     if method == m.ACTIVATION_PERTURBATION:
-        y, draw = activation_perturbation(s, seed)
+        y, draw = activation_perturbation(s, seed, noise)
     elif method == m.WEIGHT_TRANSPOSE:
-        y, draw = weight_transpose(site, s, next_site, seed)
+        y, draw = weight_transpose(site, s, next_site, seed, noise)
     elif method == m.ONE_LAYER_DOWNSTREAM:
-        y, draw = one_layer_downstream(site, s, next_site, seed)
+        y, draw = one_layer_downstream(site, s, next_site, seed, noise)
     elif method == m.ACTIVATION_MIXING:
-        y, draw = activation_mixing(site, s, seed)
+        y, draw = activation_mixing(site, s, seed, noise)
     else:
         raise ValueError(f"{method!r} makes no per-layer guess; expected one of {m.ACTIVATION_SPACE_METHODS}.")
     return tf.stop_gradient(y), draw

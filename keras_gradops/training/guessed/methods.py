@@ -5,6 +5,8 @@ of ``dL/ds_l`` at each layer's pre-activation ``s_l``, scored by one
 forward-mode directional derivative, replaces backpropagation.
 """
 
+from keras_gradops.training.guessed.noise import DISTRIBUTIONS, NORMAL
+
 DIRECTIONAL_DESCENT = "directional_descent"
 ACTIVATION_PERTURBATION = "activation_perturbation"
 WEIGHT_TRANSPOSE = "weight_transpose"
@@ -62,3 +64,14 @@ def validate_recompute(recompute, method):
             f"keeps none (it needs no recomputation). Use it with one of {ACTIVATION_SPACE_METHODS}."
         )
     return recompute
+
+
+def validate_noise(noise, method):
+    """Returns ``noise`` if it is one of the noise distributions that ``method`` draws from."""
+    if noise not in DISTRIBUTIONS:
+        raise ValueError(f"`noise` must be one of {DISTRIBUTIONS}. Received: noise={noise!r}")
+    if method == BACKPROP and noise != NORMAL:
+        raise ValueError(
+            f"method='backprop' computes the exact gradient and draws no noise. Received: noise={noise!r}"
+        )
+    return noise

@@ -62,12 +62,16 @@ class GuessedGradientModel(GradientWrapperModel):
             ``cosine_similarity/<layer>`` (epoch means) between the guess and
             the true gradient; costs a backward pass per step.
         seed: int seed of the guesses' random draws (``None``: random).
+        noise: the distribution of every random draw: ``"normal"`` (the
+            paper's ``N(0, 1)``) or ``"rademacher"`` (``+-1``, same mean and
+            covariance, so the same expected guess; about 8 times cheaper to
+            draw, see ``benchmarks/guessed_gradients.py``).
         **kwargs: :class:`GradientWrapperModel` arguments (gradient ops, ...).
 
     Raises:
         ValueError: an unknown method, ``num_guesses < 1``, a model that is not
             built, has no trainable weights or holds a layer the method does not
-            support (the message names the methods that do).
+            support (the message names the methods that do), an unknown ``noise``.
 
     Example:
         >>> net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu"),
@@ -79,8 +83,9 @@ class GuessedGradientModel(GradientWrapperModel):
     """
 
     def __init__(self, model, method, num_guesses=1, recompute=False, cosine_diagnostics=False, seed=None,
-                 **kwargs):
+                 noise="normal", **kwargs):
         m.validate_method(method)
+        m.validate_noise(noise, method)
         m.validate_num_guesses(num_guesses, method)
         m.validate_recompute(recompute, method)
         if not isinstance(cosine_diagnostics, bool):
@@ -94,6 +99,7 @@ class GuessedGradientModel(GradientWrapperModel):
         self.recompute = recompute
         self.cosine_diagnostics = cosine_diagnostics
         self.seed = seed
+        self.noise = noise
         self._stack = stack
         self._guesser = None
         self._seed_generator = keras.random.SeedGenerator(seed, name="guess_seed_generator")
@@ -106,7 +112,7 @@ class GuessedGradientModel(GradientWrapperModel):
         """The :class:`~keras_gradops.training.guessed.estimator.GradientGuesser` of this model."""
         if self._guesser is None:
             self._guesser = GradientGuesser(
-                self._stack, self.method, self.num_guesses, self.recompute, self.trainable_variables
+                self._stack, self.method, self.num_guesses, self.recompute, self.trainable_variables, self.noise
             )
         return self._guesser
 
@@ -154,7 +160,7 @@ class GuessedGradientModel(GradientWrapperModel):
             A list aligned with ``self.trainable_variables`` (not loss-scaled);
             with ``return_draws``, ``(gradients, draws)``: ``draws`` has one
             dict per guess mapping each guessed layer's name to its draw
-            (``N(0, I)`` noise shaped as its pre-activation, ``eps`` at the
+            (noise shaped as its pre-activation, ``eps`` at the
             next layer, or the ``B x B`` mixing matrix) and each weight-perturbed
             variable's path to its tangent.
 
@@ -176,5 +182,5 @@ class GuessedGradientModel(GradientWrapperModel):
     def get_config(self):
         config = super().get_config()
         config.update(method=self.method, num_guesses=self.num_guesses, recompute=self.recompute,
-                      cosine_diagnostics=self.cosine_diagnostics, seed=self.seed)
+                      cosine_diagnostics=self.cosine_diagnostics, seed=self.seed, noise=self.noise)
         return config

@@ -6,13 +6,26 @@ and let a test rebuild a guess from the seed. (XLA's kernels turn the same
 seed into other numbers than TensorFlow's own: a guess is reproducible within
 one mode.) The algorithm is Philox: left to ``auto_select``, XLA on CPU picks
 ThreeFry, about 50 times slower here.
+
+Two distributions, both with mean 0 and covariance ``I``, so every guess keeps
+its expectation (unbiased methods stay unbiased):
+
+- ``"normal"``: ``N(0, 1)``, the paper's choice (Singhal et al., arXiv 2312.04709).
+- ``"rademacher"``: ``+1`` or ``-1`` with probability 1/2 each, 32 signs from
+  each random 32-bit word: about 8 times cheaper to draw than normals, and a
+  directional derivative's variance is lower (fourth moment 1, not 3; the
+  forward-gradient paper, Baydin et al. 2022, allows any such distribution).
 """
 
 import tensorflow as tf
 
 SITE_STREAM = 0
 VARIABLE_STREAM = 1
+NORMAL = "normal"
+RADEMACHER = "rademacher"
+DISTRIBUTIONS = (NORMAL, RADEMACHER)
 _ALGORITHM = "philox"
+_BITS = 32
 
 
 def fold_in(seed, *indices):
@@ -32,11 +45,30 @@ def as_seed(seed):
     return seed
 
 
-def normal(seed, shape, dtype, after=None):
-    """``N(0, 1)`` draws, made only once the tensors in ``after`` exist.
+def _rademacher(seed, shape, dtype):
+    size = tf.reduce_prod(tf.cast(shape, tf.int32))
+    words = tf.random.stateless_uniform(
+        [(size + _BITS - 1) // _BITS], seed=seed, minval=None, maxval=None, dtype=tf.int32, alg=_ALGORITHM
+    )
+    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words[:, None], tf.range(_BITS, dtype=tf.int32)), 1)
+    signs = tf.cast(2 * bits - 1, dtype)
+    return tf.reshape(tf.reshape(signs, [-1])[:size], shape)
+
+
+def draw(distribution, seed, shape, dtype, after=None):
+    """Draws of ``distribution`` (mean 0, variance 1), made only once the tensors in ``after`` exist.
 
     The control dependency keeps the executor from drawing every layer's
     noise at the start of the step, which would hold it all in memory.
+
+    Args:
+        distribution: ``"normal"`` or ``"rademacher"``.
+        seed: an int64 ``[2]`` seed tensor.
+        shape: the shape of the draw (a list or a 1-D int tensor).
+        dtype: a floating dtype.
+        after: tensors that must be computed first.
     """
     with tf.control_dependencies(after or []):
+        if distribution == RADEMACHER:
+            return _rademacher(seed, shape, dtype)
         return tf.random.stateless_normal(shape, seed=seed, dtype=dtype, alg=_ALGORITHM)
