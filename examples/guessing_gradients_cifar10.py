@@ -12,6 +12,19 @@ perturbation, W^T, activation mixing, 1-layer downstream, and its own
 accuracy and the cosine similarity between each step's guess and the true
 gradient (``cosine_diagnostics=True``), and plots the curves.
 
+Every method sees the same inputs: each pixel feature standardized with the
+training split's mean and standard deviation (the usual preprocessing for
+such MLPs). Pixels in [0, 1] are all non-negative, and that kills activation
+mixing: its guess lives in the span of the layer's own ReLU outputs, whose
+uncentered second moment is dominated by one all-positive direction (84% of
+the trace at the first layer, 33% on standardized inputs), and non-negative
+inputs turn a weight update into a shift of every example's pre-activation
+at once; AdamW then pushes the first layer's units below zero together, and
+a unit that stops firing gets a guess masked to zero and never recovers.
+Measured on 10000-20000 images: the first layer's units fired on 47% of (unit,
+image) pairs at init and on 0-2% after one epoch at lr 1e-3, 3e-4 and 1e-4
+(test accuracy at chance, 0.08-0.11, after 3 epochs); standardized, 50%.
+
     python examples/guessing_gradients_cifar10.py --data-dir /work/shared/tfds   # ~10 min, 2 cores
     python examples/guessing_gradients_cifar10.py --quick                        # random stand-in data
 """
@@ -41,6 +54,13 @@ def build_mlp(width):
     hidden = keras.layers.Dense(width, activation="relu")(inputs)
     hidden = keras.layers.Dense(width, activation="relu")(hidden)
     return keras.Model(inputs, keras.layers.Dense(10, name="logits")(hidden), name="mlp")
+
+
+def standardized(x_train, x_test):
+    """``(x - mean) / std`` per feature, with the mean and std of ``x_train`` (constant features: std 1)."""
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return ((x_train - mean) / std).astype("float32"), ((x_test - mean) / std).astype("float32")
 
 
 def train_method(method, initial_weights, data, args):
@@ -108,7 +128,9 @@ def main(argv=None):
     args.jit_compile = not args.quick if args.jit_compile is None else args.jit_compile
 
     splits = example_utils.cifar10(args, (args.num_train, args.num_test))
-    data = [(x.reshape(len(x), -1), y) for x, y in splits]
+    (x_train, y_train), (x_test, y_test) = [(x.reshape(len(x), -1), y) for x, y in splits]
+    x_train, x_test = standardized(x_train, x_test)
+    data = [(x_train, y_train), (x_test, y_test)]
     keras.utils.set_random_seed(args.seed)
     initial_weights = build_mlp(args.width).get_weights()
     results = {method: train_method(method, initial_weights, data, args) for method in args.methods}

@@ -290,6 +290,12 @@ def test_gradient_centralization_cifar10_quick(tmp_path):
 
 
 def test_guessing_gradients_cifar10_quick(tmp_path):
+    # Inputs are standardized per feature with the TRAIN split's mean and std (a constant feature keeps std 1):
+    # on pixels in [0, 1] activation mixing kills the first layer's ReLUs.
+    x_train, x_test = guessing_gradients_cifar10.standardized(np.array([[0.0, 2.0, 5.0], [2.0, 2.0, 7.0]]),
+                                                              np.array([[3.0, 2.0, 6.0]]))
+    np.testing.assert_allclose(x_train, [[-1.0, 0.0, -1.0], [1.0, 0.0, 1.0]])
+    np.testing.assert_allclose(x_test, [[2.0, 0.0, 0.0]])
     outcome = guessing_gradients_cifar10.main([
         "--quick", "--out-dir", str(tmp_path), "--verbose", "0",
         "--methods", "directional_descent", "weight_transpose", "backprop", "keras backprop"])
