@@ -119,8 +119,8 @@ def accuracy_section(args):
         _, test_accuracy = model.evaluate(x_test, y_test, batch_size=2048, verbose=0)
         rows.append((method, cosine_init, cosine_end, train_accuracy, test_accuracy, time.perf_counter() - start))
     print(f"\n{name}: 3x128 ReLU MLP, AdamW(lr={args.learning_rate}), batch {args.batch_size}, {epochs} "
-          f"epochs, jit_compile={args.jit_compile}, noise {args.noise}; cosine = mean over {args.cosine_guesses} guesses on one "
-          "training batch")
+          f"epochs, jit_compile={args.jit_compile}, noise {args.noise}; cosine = mean over {args.cosine_guesses} "
+          "guesses on one training batch")
     print("| method | cosine at init | cosine at end | train accuracy | test accuracy | wall s |")
     print("|---|---:|---:|---:|---:|---:|")
     for method, c0, c1, train, test, seconds in rows:
@@ -169,18 +169,21 @@ def speed_section(args):
 
 def memory_section(args):
     probe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guessed_memory_probe.py")
-    configs = [("keras", False), ("backprop", False), ("directional_descent", False), ("weight_transpose", False)]
-    configs += [(m, True) for m in ("activation_perturbation", "weight_transpose", "one_layer_downstream",
-                                    "activation_mixing")]
+    configs = [("keras", False, "normal"), ("backprop", False, "normal"), ("directional_descent", False, "normal"),
+               ("weight_transpose", False, "normal")]
+    configs += [(m, True, "normal") for m in ("activation_perturbation", "weight_transpose", "one_layer_downstream",
+                                              "activation_mixing")]
+    configs += [(m, True, "rademacher") for m in ("activation_perturbation", "weight_transpose")]
     results = {}
     for _ in range(args.memory_repeats):  # interleaved: drift of the machine hits all alike
-        for method, recompute in configs:
-            command = [sys.executable, probe, "--method", method, "--depth", str(args.memory_depth),
-                       "--width", str(args.memory_width), "--batch-size", str(args.memory_batch_size)]
+        for method, recompute, noise in configs:
+            command = [sys.executable, probe, "--method", method, "--noise", noise, "--depth",
+                       str(args.memory_depth), "--width", str(args.memory_width), "--batch-size",
+                       str(args.memory_batch_size)]
             command += ["--recompute"] if recompute else []
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             result = json.loads(output.strip().splitlines()[-1])
-            results.setdefault((method, recompute), []).append(result)
+            results.setdefault((method, recompute, noise), []).append(result)
     base = statistics.median(r["step_bytes"] for r in results[configs[0]])
     first = results[configs[0]][0]
     print(f"\npeak memory of a training step, {args.memory_depth}x{args.memory_width} ReLU MLP, batch "
@@ -188,13 +191,14 @@ def memory_section(args):
           f"(weights {first['weight_bytes'] / MiB:.0f} MiB, one layer's activations "
           f"{first['activation_bytes'] / MiB:.0f} MiB); ratio = median step peak / median keras step peak "
           "(target <= 0.6 with recompute)")
-    print("| method | recompute | step peak MiB, median (min-max) | ratio to keras backprop, median (min-max) |")
-    print("|---|---|---:|---:|")
-    for (method, recompute), runs in results.items():
+    print("| method | recompute | noise | step peak MiB, median (min-max) | ratio to keras backprop, median (min-max) |")
+    print("|---|---|---|---:|---:|")
+    for (method, recompute, noise), runs in results.items():
         peaks = sorted(r["step_bytes"] for r in runs)
         label = "keras.Model (backprop)" if method == "keras" else method
+        noise = "" if method in ("keras", "backprop") else noise
         median = statistics.median(peaks)
-        print(f"| {label} | {recompute} | {median / MiB:.0f} ({peaks[0] / MiB:.0f}-{peaks[-1] / MiB:.0f}) | "
+        print(f"| {label} | {recompute} | {noise} | {median / MiB:.0f} ({peaks[0] / MiB:.0f}-{peaks[-1] / MiB:.0f}) | "
               f"{median / base:.2f} ({peaks[0] / base:.2f}-{peaks[-1] / base:.2f}) |")
 
 

@@ -53,6 +53,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", required=True, help="'keras' (plain backprop model) or a guessing method")
     parser.add_argument("--recompute", action="store_true")
+    parser.add_argument("--noise", default="normal", choices=["normal", "rademacher"])
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=4096)
@@ -61,7 +62,7 @@ def main():
 
     net = deep_mlp(args.depth, args.width)
     model = net if args.method == "keras" else kgo.GuessedGradientModel(
-        net, method=args.method, recompute=args.recompute, seed=0)
+        net, method=args.method, recompute=args.recompute, seed=0, noise=args.noise)
     model.compile(optimizer=keras.optimizers.SGD(1e-3), jit_compile=False,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.optimizer.build(model.trainable_variables)
@@ -72,7 +73,7 @@ def main():
     peaks = StepPeaks()
     model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0, callbacks=[peaks])
     print(json.dumps({
-        "method": args.method, "recompute": args.recompute,
+        "method": args.method, "recompute": args.recompute, "noise": args.noise,
         "step_bytes": max(peaks.peaks[1:]) - before, "first_step_bytes": peaks.peaks[0] - before,
         "weight_bytes": sum(int(v.numpy().nbytes) for v in net.trainable_variables),
         "activation_bytes": args.batch_size * args.width * 4,
