@@ -193,3 +193,25 @@ def test_docstring_examples_are_true():
     for module in (model_module, diagnostics):
         failures, attempted = doctest.testmod(module, extraglobs={"keras": keras, "np": np, "tf": tf})
         assert failures == 0 and attempted > 0, module.__name__
+
+
+def test_replicas_draw_independent_guesses_and_the_step_applies_their_mean(two_replica_strategy):
+    """Both replicas see the same batch; SGD(1) moves W by -(g_0 + g_1) / 2, g_r drawn with seed fold(s, r)."""
+    x, y = problem()
+    x, y = x[:16], y[:16]
+    weights = mlp().get_weights()
+    first_seed = keras.random.SeedGenerator(7).next()  # the step's seed s, as a fresh generator gives it
+    twin = GuessedGradientModel(mlp(), method="activation_perturbation")
+    twin.compile(optimizer="sgd", loss=SPARSE_CE)
+    twin.model.set_weights(weights)
+    guesses = [[g.numpy() for g in twin.guess_gradients(x, y, seed=tf.random.experimental.stateless_fold_in(
+        tf.cast(first_seed, tf.int64), replica, alg="philox"))] for replica in (0, 1)]
+    with two_replica_strategy.scope():
+        model = GuessedGradientModel(mlp(), method="activation_perturbation", seed=7)
+        model.compile(optimizer=keras.optimizers.SGD(1.0), loss=SPARSE_CE, jit_compile=False)
+    model.model.set_weights(weights)
+    model.fit(np.concatenate([x, x]), np.concatenate([y, y]), batch_size=32, epochs=1, shuffle=False, verbose=0)
+    for w0, w1, g0, g1 in zip(weights, model.model.get_weights(), *guesses):
+        np.testing.assert_allclose(w1 - w0, -(g0 + g1) / 2, rtol=1e-4, atol=1e-6)
+    # Not one guess counted twice: the two replicas' guesses differ.
+    assert np.linalg.norm(guesses[0][0] - guesses[1][0]) > 0.5 * np.linalg.norm(guesses[0][0])

@@ -33,6 +33,12 @@ def sum_over_replicas(gradients):
     return [None if g is None else next(reduced) for g in gradients]
 
 
+def replica_id():
+    """This replica's index in the sync group (a scalar tensor), or ``None`` on one replica."""
+    context = _replica_context()
+    return None if context is None else context.replica_id_in_sync_group
+
+
 def is_first_replica():
     """A bool scalar: ``True`` on replica 0 (and when not distributed)."""
     context = _replica_context()

@@ -10,11 +10,11 @@
 import keras
 import tensorflow as tf
 
-from keras_gradops.training import loss_scaling
+from keras_gradops.training import loss_scaling, replicas
 from keras_gradops.training.guessed import methods as m
 from keras_gradops.training.guessed.diagnostics import cosine_similarity
 from keras_gradops.training.guessed.estimator import GradientGuesser
-from keras_gradops.training.guessed.noise import as_seed
+from keras_gradops.training.guessed.noise import as_seed, fold_in
 from keras_gradops.training.guessed.stack import LayerStack
 from keras_gradops.training.layer_groups import resolve_layers, variable_groups
 from keras_gradops.training.wrapper import GradientWrapperModel
@@ -35,7 +35,11 @@ class GuessedGradientModel(GradientWrapperModel):
     - ``"activation_perturbation"``: ``y_l ~ N(0, I)``; unbiased.
     - ``"weight_transpose"``: ``y_l = (eps W_{l+1}^T) * 1[s_l > 0]``, ``eps ~ N(0, I)``.
     - ``"activation_mixing"``: ``y_l = (M act(s_l)) * 1[s_l > 0]``, ``M`` a
-      random ``B x B`` mixing of the batch's own outputs.
+      random ``B x B`` mixing of the batch's own outputs. Its expected guess
+      is ``C g`` with ``C`` the uncentered second moment of the outputs: feed
+      centered (standardized) inputs. On non-negative inputs (pixels in
+      [0, 1]) it pushed every first-layer ReLU down at once and killed them
+      (CIFAR-10, ``examples/guessing_gradients_cifar10.py``).
     - ``"one_layer_downstream"``: ``eps`` at the next layer's output pulled back
       through that layer's true Jacobian.
     - ``"backprop"``: the exact gradient through the same layer-by-layer forward
@@ -134,9 +138,17 @@ class GuessedGradientModel(GradientWrapperModel):
         return result
 
     def compute_gradients(self, x, y, sample_weight):
-        """The guessed gradient of this replica's loss (see the class docstring)."""
-        result = self._guess(x, y, sample_weight, self._seed_generator.next(),
-                             true_gradient=self.cosine_diagnostics)
+        """The guessed gradient of this replica's loss (see the class docstring).
+
+        Under a distribution strategy each replica folds its index into the
+        step's seed: the replicas' guesses are independent, and the step
+        applies their mean (a ``num_replicas``-guess average of the batch).
+        """
+        seed = self._seed_generator.next()
+        replica = replicas.replica_id()
+        if replica is not None:
+            seed = fold_in(seed, replica)
+        result = self._guess(x, y, sample_weight, seed, true_gradient=self.cosine_diagnostics)
         if self.cosine_diagnostics:
             self._track_cosine(result.gradients, result.true_gradients)
         return result.loss, result.y_pred, result.gradients
