@@ -26,3 +26,13 @@ def two_replica_strategy():
     all-reduces of different shapes from different tests would collide.
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture
+def mixed_float16():
+    """The global dtype policy ``mixed_float16`` for one test, ``float32`` after it."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")

@@ -103,13 +103,6 @@ def test_nan_on_the_second_replica_only_skips_the_step_everywhere(two_replica_st
 # ---------------------------------------------------------------- mixed precision
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    yield
-    keras.mixed_precision.set_global_policy("float32")
-
-
 def test_mixed_precision_updates_match_float32(mixed_float16):
     x, y = data(24)
     y /= 4  # keeps the scaled float16 backward pass below 65504

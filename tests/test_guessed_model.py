@@ -215,3 +215,23 @@ def test_replicas_draw_independent_guesses_and_the_step_applies_their_mean(two_r
         np.testing.assert_allclose(w1 - w0, -(g0 + g1) / 2, rtol=1e-4, atol=1e-6)
     # Not one guess counted twice: the two replicas' guesses differ.
     assert np.linalg.norm(guesses[0][0] - guesses[1][0]) > 0.5 * np.linalg.norm(guesses[0][0])
+
+
+def test_mixed_float16_guess_is_the_float32_guess_unscaled(mixed_float16):
+    """float16 forward pass, float32 weights, loss scaling undone: the float32 guess within float16 rounding.
+
+    Rademacher signs are the same bits in both dtypes, so the two guesses use the same draws.
+    """
+    x, y = problem()
+    keras.mixed_precision.set_global_policy("float32")
+    reference = GuessedGradientModel(mlp(), method="weight_transpose", noise="rademacher")
+    reference.compile(optimizer="sgd", loss=SPARSE_CE)
+    expected = reference.guess_gradients(x, y, seed=3)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = GuessedGradientModel(mlp(), method="weight_transpose", noise="rademacher")
+    model.compile(optimizer="sgd", loss=SPARSE_CE)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.model.layers[0].compute_dtype == "float16"
+    for got, want in zip(model.guess_gradients(x, y, seed=3), expected):
+        assert got.dtype == tf.float32
+        assert np.linalg.norm(got.numpy() - want.numpy()) < 1e-2 * np.linalg.norm(want.numpy())
