@@ -283,3 +283,20 @@ def test_rademacher_draws_are_independent_fair_signs(jit_compile, shape):
     assert np.max(np.abs(samples.mean(axis=0))) < 5 / np.sqrt(n)
     covariance = samples.T @ samples / n
     assert np.max(np.abs(covariance - np.eye(samples.shape[1]))) < 5 / np.sqrt(n)
+
+
+def test_nested_blocks_are_guessed_layer_by_layer():
+    """A Sequential block inside a functional model: the same W^T guess as the flat MLP's, by NumPy."""
+    keras.utils.set_random_seed(5)
+    block = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="relu", name="h1"),
+                              keras.layers.Dense(3, activation="relu", name="h2")], name="block")
+    inputs = keras.Input((5,))
+    net = keras.Model(inputs, keras.layers.Dense(2, name="out")(block(inputs)))
+    x, y = batch()
+    grads, draws = wrapped(net, "weight_transpose").guess_gradients(x, y, seed=3, return_draws=True)
+    assert sorted(draws[0]) == ["h1", "h2", "out"]
+    fb = numpy_forward_backward(net, x, y)
+    expected = update_from_guesses(fb, expected_guesses("weight_transpose", fb,
+                                                        {k: v.numpy() for k, v in draws[0].items()}))
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-6)

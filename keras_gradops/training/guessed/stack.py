@@ -3,7 +3,8 @@
 A guessed-gradient step needs each Dense/Conv2D layer's input ``x_l`` and
 pre-activation ``s_l = x_l W_l + b_l``, which ``model(x)`` hides, so it runs
 the stack itself: Dense and Conv2D layers ("sites") with the same Keras ops as
-their own ``call``, every other layer through its ``__call__``.
+their own ``call``, every other layer through its ``__call__``. A nested
+Sequential or chain functional model (a block) is run as its own layers.
 
 Which layers each method supports (anything else raises at construction):
 
@@ -202,6 +203,9 @@ def _unsupported(layer, method, reason, methods=None):
 def stack_layers(model):
     """The layers of a Sequential or single-input, single-output chain functional model, in order.
 
+    A layer that is itself such a model (a nested block) is replaced by its
+    own layers, recursively.
+
     Raises:
         ValueError: ``model`` is not built, or is not such a stack.
     """
@@ -210,6 +214,13 @@ def stack_layers(model):
             f"Model {model.name!r} is not built. Build it first, e.g. start a Sequential "
             "with keras.Input(shape) or call model.build(input_shape)."
         )
+    layers = []
+    for layer in _chain(model):
+        layers += stack_layers(layer) if isinstance(layer, keras.Model) else [layer]
+    return layers
+
+
+def _chain(model):
     if isinstance(model, keras.Sequential):
         return list(model.layers)
     if not (hasattr(model, "inputs") and hasattr(model, "outputs") and model.inputs is not None):
