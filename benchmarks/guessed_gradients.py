@@ -169,21 +169,24 @@ def speed_section(args):
 
 def memory_section(args):
     probe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guessed_memory_probe.py")
-    configs = [("keras", False, "normal"), ("backprop", False, "normal"), ("directional_descent", False, "normal"),
-               ("weight_transpose", False, "normal")]
-    configs += [(m, True, "normal") for m in ("activation_perturbation", "weight_transpose", "one_layer_downstream",
-                                              "activation_mixing")]
-    configs += [(m, True, "rademacher") for m in ("activation_perturbation", "weight_transpose")]
+    # (method, recompute, noise, Grappler's model pruner off)
+    configs = [("keras", False, "normal", False), ("backprop", False, "normal", False),
+               ("directional_descent", False, "normal", False), ("weight_transpose", False, "normal", False)]
+    configs += [(m, True, "normal", False) for m in ("activation_perturbation", "weight_transpose",
+                                                     "one_layer_downstream", "activation_mixing")]
+    configs += [(m, True, "rademacher", False) for m in ("activation_perturbation", "weight_transpose")]
+    configs += [("activation_perturbation", True, noise, True) for noise in ("normal", "rademacher")]
     results = {}
     for _ in range(args.memory_repeats):  # interleaved: drift of the machine hits all alike
-        for method, recompute, noise in configs:
+        for config in configs:
+            method, recompute, noise, no_pruning = config
             command = [sys.executable, probe, "--method", method, "--noise", noise, "--depth",
                        str(args.memory_depth), "--width", str(args.memory_width), "--batch-size",
                        str(args.memory_batch_size)]
             command += ["--recompute"] if recompute else []
+            command += ["--disable-model-pruning"] if no_pruning else []
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            result = json.loads(output.strip().splitlines()[-1])
-            results.setdefault((method, recompute, noise), []).append(result)
+            results.setdefault(config, []).append(json.loads(output.strip().splitlines()[-1]))
     base = statistics.median(r["step_bytes"] for r in results[configs[0]])
     first = results[configs[0]][0]
     print(f"\npeak memory of a training step, {args.memory_depth}x{args.memory_width} ReLU MLP, batch "
@@ -191,15 +194,17 @@ def memory_section(args):
           f"(weights {first['weight_bytes'] / MiB:.0f} MiB, one layer's activations "
           f"{first['activation_bytes'] / MiB:.0f} MiB); ratio = median step peak / median keras step peak "
           "(target <= 0.6 with recompute)")
-    print("| method | recompute | noise | step peak MiB, median (min-max) | ratio to keras backprop, median (min-max) |")
-    print("|---|---|---|---:|---:|")
-    for (method, recompute, noise), runs in results.items():
+    print("| method | recompute | noise | model pruning | step peak MiB, median (min-max) "
+          "| ratio to keras backprop, median (min-max) |")
+    print("|---|---|---|---|---:|---:|")
+    for (method, recompute, noise, no_pruning), runs in results.items():
         peaks = sorted(r["step_bytes"] for r in runs)
         label = "keras.Model (backprop)" if method == "keras" else method
         noise = "" if method in ("keras", "backprop") else noise
         median = statistics.median(peaks)
-        print(f"| {label} | {recompute} | {noise} | {median / MiB:.0f} ({peaks[0] / MiB:.0f}-{peaks[-1] / MiB:.0f}) | "
-              f"{median / base:.2f} ({peaks[0] / base:.2f}-{peaks[-1] / base:.2f}) |")
+        print(f"| {label} | {recompute} | {noise} | {'off' if no_pruning else 'on'} | {median / MiB:.0f} "
+              f"({peaks[0] / MiB:.0f}-{peaks[-1] / MiB:.0f}) | {median / base:.2f} "
+              f"({peaks[0] / base:.2f}-{peaks[-1] / base:.2f}) |")
 
 
 def main():

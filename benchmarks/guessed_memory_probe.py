@@ -58,7 +58,12 @@ def main():
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=3, help="training steps; the first is not scored")
+    parser.add_argument("--disable-model-pruning", action="store_true",
+                        help="turn off Grappler's model pruner (tf.config.optimizer), which can undo the "
+                             "ordering recompute=True relies on")
     args = parser.parse_args()
+    if args.disable_model_pruning:
+        tf.config.optimizer.set_experimental_options({"disable_model_pruning": True})
 
     net = deep_mlp(args.depth, args.width)
     model = net if args.method == "keras" else kgo.GuessedGradientModel(
@@ -74,6 +79,7 @@ def main():
     model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0, callbacks=[peaks])
     print(json.dumps({
         "method": args.method, "recompute": args.recompute, "noise": args.noise,
+        "disable_model_pruning": args.disable_model_pruning,
         "step_bytes": max(peaks.peaks[1:]) - before, "first_step_bytes": peaks.peaks[0] - before,
         "weight_bytes": sum(int(v.numpy().nbytes) for v in net.trainable_variables),
         "activation_bytes": args.batch_size * args.width * 4,

@@ -68,7 +68,11 @@ def draw(distribution, seed, shape, dtype, after=None):
         dtype: a floating dtype.
         after: tensors that must be computed first.
     """
-    with tf.control_dependencies(after or []):
-        if distribution == RADEMACHER:
-            return _rademacher(seed, shape, dtype)
-        return tf.random.stateless_normal(shape, seed=seed, dtype=dtype, alg=_ALGORITHM)
+    if after:
+        # The seed itself waits, so the order does not rest on the StopGradient that ``after``
+        # often is (Grappler's model pruner removes StopGradient nodes).
+        with tf.control_dependencies(after):
+            seed = tf.identity(seed)
+    if distribution == RADEMACHER:
+        return _rademacher(seed, shape, dtype)
+    return tf.random.stateless_normal(shape, seed=seed, dtype=dtype, alg=_ALGORITHM)
