@@ -61,7 +61,13 @@ class GuessedGradientModel(GradientWrapperModel):
             in a second forward pass (same seeds) instead of keeping them:
             activation memory ``O(1)`` in depth for one more forward pass.
             Activation-space methods only; not with layers that draw random
-            numbers or keep moving statistics.
+            numbers or keep moving statistics. The order that keeps memory low
+            is enforced with control dependencies; without XLA, Grappler's
+            model pruner can undo part of it (activation perturbation peaked
+            at 1.0-1.6x a backprop step with it, 0.56x without, see
+            ``benchmarks/guessed_gradients.py``):
+            ``tf.config.optimizer.set_experimental_options({"disable_model_pruning": True})``
+            before the first step turns it off, for the whole process.
         cosine_diagnostics: if ``True``, log ``cosine_similarity`` and
             ``cosine_similarity/<layer>`` (epoch means) between the guess and
             the true gradient; costs a backward pass per step.
