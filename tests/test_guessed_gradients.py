@@ -7,7 +7,10 @@
   estimated from the samples (and weight_transpose, biased, fails that test);
 - the "backprop" oracle equals tf.GradientTape on the wrapped model;
 - recompute=True and XLA give the same guesses;
-- the paper's ordering of cosine similarities at init on a 3x128 MLP.
+- the paper's ordering of cosine similarities at init on a 3x128 MLP;
+- weight_transpose and one_layer_downstream on Conv2D sites (transposed
+  convolutions, Flatten/Reshape between sites), rebuilt in NumPy with the
+  convolution written as a matrix and its filter gradient as loops.
 """
 
 import numpy as np
@@ -298,5 +301,100 @@ def test_nested_blocks_are_guessed_layer_by_layer():
     fb = numpy_forward_backward(net, x, y)
     expected = update_from_guesses(fb, expected_guesses("weight_transpose", fb,
                                                         {k: v.numpy() for k, v in draws[0].items()}))
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-6)
+
+
+# -- Conv2D sites in weight_transpose and one_layer_downstream ------------------------------------
+
+
+def two_conv_net(padding, known_size=True):
+    """5x5x2 images; with ``known_size=False`` the spatial size is known only at run time."""
+    keras.utils.set_random_seed(6)
+    flat = 2 * 2 * 2 if padding == "valid" else 3 * 3 * 2
+    return keras.Sequential([
+        keras.Input((5, 5, 2) if known_size else (None, None, 2)),
+        keras.layers.Conv2D(3, 3, activation="relu", padding="same", name="c1"),
+        keras.layers.Conv2D(2, 3, strides=2, activation="relu", padding=padding, name="c2"),
+        keras.layers.Flatten() if known_size else keras.layers.Reshape((flat,)),
+        keras.layers.Dense(3, name="out"),
+    ])
+
+
+def conv_matrix(kernel, size, stride, padding):
+    """The convolution of a (size, size, C) input as a (size*size*C, out*out*F) matrix (TF's padding rule)."""
+    k, _, channels, filters = kernel.shape
+    out = (size - k) // stride + 1 if padding == "valid" else -(-size // stride)
+    pad = 0 if padding == "valid" else max((out - 1) * stride + k - size, 0) // 2
+    matrix = np.zeros((size, size, channels, out, out, filters))
+    for o in range(out):
+        for p in range(out):
+            for di in range(k):
+                for dj in range(k):
+                    i, j = o * stride + di - pad, p * stride + dj - pad
+                    if 0 <= i < size and 0 <= j < size:
+                        matrix[i, j, :, o, p, :] = kernel[di, dj]
+    return matrix.reshape(size * size * channels, out * out * filters), (out, out, filters)
+
+
+def conv_kernel_gradient(kernel_shape, stride, padding, x, g):
+    """dL/dK of conv(x, K) for dL/ds = g, by explicit loops."""
+    k, _, _, _ = kernel_shape
+    size, out = x.shape[1], g.shape[1]
+    pad = 0 if padding == "valid" else max((out - 1) * stride + k - size, 0) // 2
+    grad = np.zeros(kernel_shape)
+    for o in range(out):
+        for p in range(out):
+            for di in range(k):
+                for dj in range(k):
+                    i, j = o * stride + di - pad, p * stride + dj - pad
+                    if 0 <= i < size and 0 <= j < size:
+                        grad[di, dj] += x[:, i, j, :].T @ g[:, o, p, :]
+    return grad
+
+
+@pytest.mark.parametrize("method", ["weight_transpose", "one_layer_downstream"])
+@pytest.mark.parametrize("padding,mode", [("valid", "eager"), ("same", "xla"), ("same", "recompute"),
+                                          ("valid", "unknown_size")])
+def test_conv_sites_guess_by_their_definition(method, padding, mode):
+    """y_l = J_act^T (eps K^T), K^T the transposed convolution, and the filter updates, rebuilt in NumPy.
+
+    Under tf.function, XLA and recompute=True too; "unknown_size": Input((None, None, 2)) and a Reshape
+    instead of Flatten.
+    """
+    net = two_conv_net(padding, known_size=mode != "unknown_size")
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(4, 5, 5, 2)).astype("float32"), rng.normal(size=(4, 3)).astype("float32")
+    model = wrapped(net, method, recompute=mode == "recompute")
+    step = lambda: model.guess_gradients(x, y, seed=[4, 1], return_draws=True)  # noqa: E731
+    grads, draws = step() if mode == "eager" else tf.function(step, jit_compile=mode == "xla")()
+    draw = {k: v.numpy().astype(np.float64) for k, v in draws[0].items()}
+    k1, b1, k2, b2, w3, b3 = [w.numpy().astype(np.float64) for w in net.trainable_variables]
+    m1, shape1 = conv_matrix(k1, 5, 1, "same")
+    m2, shape2 = conv_matrix(k2, 5, 2, padding)
+    # Forward and backprop of the MSE loss in float64.
+    batch = len(x)
+    x0 = x.astype(np.float64)
+    s1 = (x0.reshape(batch, -1) @ m1).reshape(batch, *shape1) + b1
+    a1 = np.maximum(s1, 0)
+    s2 = (a1.reshape(batch, -1) @ m2).reshape(batch, *shape2) + b2
+    a2 = np.maximum(s2, 0)
+    s3 = a2.reshape(batch, -1) @ w3 + b3
+    g3 = 2 * (s3 - y) / s3.size
+    g2 = (g3 @ w3.T).reshape(s2.shape) * (s2 > 0)
+    g1 = (g2.reshape(batch, -1) @ m2.T).reshape(s1.shape) * (s1 > 0)
+    # The guesses: eps at c2's pre-activation (c1) and at out's (c2), pulled back through K^T.
+    eps1 = draw["c1"] * (s2 > 0) if method == "one_layer_downstream" else draw["c1"]
+    assert draw["c1"].shape == s2.shape and draw["c2"].shape == s3.shape
+    y1 = (eps1.reshape(batch, -1) @ m2.T).reshape(s1.shape) * (s1 > 0)
+    y2 = (draw["c2"] @ w3.T).reshape(s2.shape) * (s2 > 0)
+    y3 = draw["out"]
+    d = sum(np.sum((g * guess).reshape(batch, -1), axis=1) for g, guess in zip((g1, g2, g3), (y1, y2, y3)))
+    dy1, dy2, dy3 = (d.reshape(-1, *[1] * (guess.ndim - 1)) * guess for guess in (y1, y2, y3))
+    expected = [
+        conv_kernel_gradient(k1.shape, 1, "same", x0, dy1), dy1.sum(axis=(0, 1, 2)),
+        conv_kernel_gradient(k2.shape, 2, padding, a1, dy2), dy2.sum(axis=(0, 1, 2)),
+        a2.reshape(batch, -1).T @ dy3, dy3.sum(axis=0),
+    ]
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-6)

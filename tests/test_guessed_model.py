@@ -76,8 +76,12 @@ def test_models_that_cannot_be_guessed_raise():
                                keras.layers.Flatten(), keras.layers.Dense(2)]),
      "weight_transpose", "embed", "directional_descent, backprop."),
     (lambda: keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3, name="conv"),
+                               keras.layers.MaxPooling2D(name="pool"), keras.layers.Conv2D(2, 1),
                                keras.layers.Flatten(), keras.layers.Dense(2)]),
-     "weight_transpose", "conv", "directional_descent, activation_perturbation, activation_mixing, backprop."),
+     "weight_transpose", "pool", "directional_descent, activation_perturbation, activation_mixing, backprop."),
+    (lambda: keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3, name="conv"),
+                               keras.layers.Dropout(0.5), keras.layers.Flatten(), keras.layers.Dense(2)]),
+     "one_layer_downstream", None, None),
     (lambda: mlp(keras.layers.Activation("relu", name="act")),
      "one_layer_downstream", "act", "directional_descent, activation_perturbation, activation_mixing, backprop."),
     (lambda: mlp(keras.layers.Dropout(0.5, name="drop")),
@@ -118,6 +122,27 @@ def test_fit_lowers_the_training_loss(method, jit_compile):
     model.compile(optimizer=keras.optimizers.Adam(0.02), loss=SPARSE_CE, jit_compile=jit_compile)
     before = model.evaluate(x, y, batch_size=256, verbose=0)
     model.fit(x, y, batch_size=32, epochs=4, verbose=0)
+    assert model.evaluate(x, y, batch_size=256, verbose=0) < 0.9 * before
+
+
+@pytest.mark.parametrize("method,jit_compile", [("weight_transpose", False), ("one_layer_downstream", True)])
+def test_fit_lowers_the_training_loss_of_a_conv_net(method, jit_compile):
+    """Conv2D -> Conv2D -> Flatten -> Dense, each layer guessed through the next one's transpose.
+
+    The label is the image band (rows 0-1, 2-3, 4-5) with the largest sum. Measured over seeds 1-3
+    (seeds 1-2 under XLA), the loss fell to 0.47-0.83 of its start.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 6, 6, 1)).astype("float32")
+    y = np.argmax(np.stack([x[:, :2].sum((1, 2, 3)), x[:, 2:4].sum((1, 2, 3)), x[:, 4:].sum((1, 2, 3))], 1), 1)
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3, activation="relu", padding="same"),
+                            keras.layers.Conv2D(4, 3, strides=2, activation="relu", padding="same"),
+                            keras.layers.Flatten(), keras.layers.Dense(3)])
+    model = GuessedGradientModel(net, method=method, seed=1)
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss=SPARSE_CE, jit_compile=jit_compile)
+    before = model.evaluate(x, y, batch_size=256, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=6, verbose=0)
     assert model.evaluate(x, y, batch_size=256, verbose=0) < 0.9 * before
 
 

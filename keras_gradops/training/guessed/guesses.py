@@ -19,35 +19,55 @@ def activation_perturbation(s, seed, noise):
     return y, y
 
 
-def _next_layer_noise(s, next_site, seed, noise):
-    shape = tf.concat([tf.shape(s)[:-1], [next_site.units]], axis=0)
-    return draw_noise(noise, seed, shape, s.dtype, after=[s])
+def _next_layer_noise(x_next, next_site, seed, noise, after):
+    shape = next_site.pre_activation_shape(x_next)
+    return draw_noise(noise, seed, shape, x_next.dtype, after=after)
+
+
+def _transpose_to(site, a, next_site, cotangent):
+    """``cotangent K_{l+1}^T`` shaped as ``a``: the transpose of ``a -> site.to_next_input(a) K_{l+1}``.
+
+    Only the shape of ``a`` matters (the map is linear); between the sites,
+    Flatten/Reshape layers are transposed exactly, Dropout and normalisation
+    layers are the identity.
+    """
+    if not site.reshapes:
+        return next_site.kernel_transpose(cotangent, a)
+    with tf.GradientTape() as tape:
+        tape.watch(a)
+        x_next = site.to_next_input(a)
+    return tape.gradient(x_next, a, output_gradients=next_site.kernel_transpose(cotangent, x_next))
 
 
 def weight_transpose(site, s, next_site, seed, noise):
-    """``y = J_act(s)^T (eps W_{l+1}^T)``, ``eps ~ N(0, I)`` at the next layer's pre-activation.
+    """``y = J_act(s)^T (eps K_{l+1}^T)``, ``eps ~ N(0, I)`` at the next layer's pre-activation.
 
-    The last layer (``next_site is None``) falls back to activation perturbation.
+    ``eps K^T`` is ``eps W^T`` for a Dense next layer, the transposed
+    convolution for a Conv2D. The last layer (``next_site is None``) falls
+    back to activation perturbation.
     """
     if next_site is None:
         return activation_perturbation(s, seed, noise)
-    eps = _next_layer_noise(s, next_site, seed, noise)
-    return site.pull_back(s, next_site.kernel_transpose(eps)), eps
+    eps = _next_layer_noise(site.to_next_input(s), next_site, seed, noise, after=[s])
+    return site.pull_back(s, _transpose_to(site, s, next_site, eps)), eps
 
 
 def one_layer_downstream(site, s, next_site, seed, noise):
-    """``y = J_act(s)^T ((J_act'(s')^T eps) W_{l+1}^T)``: ``eps`` at the next layer's output.
+    """``y = J_act(s)^T ((J_act'(s')^T eps) K_{l+1}^T)``: ``eps`` at the next layer's output.
 
-    ``s' = act(s) W_{l+1} + b_{l+1}`` is the next layer's pre-activation, so
-    ``eps`` is pulled back through that layer's true Jacobian (both
-    activations and ``W_{l+1}``). The last layer falls back to activation
-    perturbation.
+    ``s' = act(s) K_{l+1} + b_{l+1}`` is the next layer's pre-activation
+    (after the Flatten/Reshape layers between), so ``eps`` is pulled back
+    through that layer's true Jacobian (both activations and ``K_{l+1}``,
+    transposed as in :func:`weight_transpose`). The last layer falls back to
+    activation perturbation.
     """
     if next_site is None:
         return activation_perturbation(s, seed, noise)
-    eps = _next_layer_noise(s, next_site, seed, noise)
-    s_next = next_site.pre_activation(site.activate(s))
-    return site.pull_back(s, next_site.kernel_transpose(next_site.pull_back(s_next, eps))), eps
+    a = site.activate(s)
+    x_next = site.to_next_input(a)
+    eps = _next_layer_noise(x_next, next_site, seed, noise, after=[s])
+    s_next = next_site.pre_activation(x_next)
+    return site.pull_back(s, _transpose_to(site, a, next_site, next_site.pull_back(s_next, eps))), eps
 
 
 def activation_mixing(site, s, seed, noise):

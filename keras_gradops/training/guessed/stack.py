@@ -13,9 +13,11 @@ Which layers each method supports (anything else raises at construction):
   differentiation of their loop fails inside ``tf.function``).
 - ``activation_perturbation``, ``activation_mixing``: Dense and Conv2D sites,
   normalisation layers, layers without trainable weights.
-- ``weight_transpose``, ``one_layer_downstream``: as above without Conv2D;
-  between two Dense layers only Dropout and normalisation layers, which their
-  guesses treat as the identity.
+- ``weight_transpose``, ``one_layer_downstream``: as above; between two
+  sites (Dense or Conv2D) only Flatten and Reshape layers, which their guesses
+  transpose exactly, and Dropout and normalisation layers, which their guesses
+  treat as the identity. A Conv2D site's transposed kernel ``K^T`` is the
+  transposed convolution (the convolution's gradient in its input).
 
 Normalisation layers' scales and offsets are guessed by weight perturbation
 (a random tangent on the weights, as ``directional_descent``) in every method.
@@ -33,18 +35,10 @@ NORMALIZATION_LAYERS = (
     keras.layers.RMSNormalization,
     keras.layers.UnitNormalization,
 )
-# Between two Dense layers, weight_transpose and one_layer_downstream model these as the identity.
+# Between two sites, weight_transpose and one_layer_downstream model these as the identity...
 _IDENTITY_IN_GUESS = (keras.layers.Dropout, *NORMALIZATION_LAYERS)
-_DENSE_OR_CONV = (keras.layers.Dense, keras.layers.Conv2D)
-# The layers each method can guess at their pre-activation (or, for the first two, run by hand).
-_SITE_TYPES = {
-    m.DIRECTIONAL_DESCENT: _DENSE_OR_CONV,
-    m.BACKPROP: _DENSE_OR_CONV,
-    m.ACTIVATION_PERTURBATION: _DENSE_OR_CONV,
-    m.ACTIVATION_MIXING: _DENSE_OR_CONV,
-    m.WEIGHT_TRANSPOSE: (keras.layers.Dense,),
-    m.ONE_LAYER_DOWNSTREAM: (keras.layers.Dense,),
-}
+# ... and apply these (linear maps, transposed exactly).
+_RESHAPES = (keras.layers.Flatten, keras.layers.Reshape)
 
 
 class Site:
@@ -54,6 +48,11 @@ class Site:
         layer: a built ``keras.layers.Dense`` or ``keras.layers.Conv2D`` whose
             trainable weights are exactly its kernel and bias.
         index: its position among the stack's sites.
+
+    Attributes:
+        reshapes: the Flatten and Reshape layers between this site and the
+            next, which ``weight_transpose`` and ``one_layer_downstream``
+            apply (set by :class:`LayerStack` for those methods).
     """
 
     def __init__(self, layer, index):
@@ -63,6 +62,13 @@ class Site:
         self.bias = layer.bias
         self.variables = [self.kernel] + ([self.bias] if self.bias is not None else [])
         self.is_dense = isinstance(layer, keras.layers.Dense)
+        self.reshapes = ()
+
+    def to_next_input(self, a):
+        """The next site's input as the guesses see it: the output ``a`` through ``self.reshapes``."""
+        for layer in self.reshapes:
+            a = layer(a)
+        return a
 
     @property
     def units(self):
@@ -104,10 +110,29 @@ class Site:
             a = activation(s)
         return tape.gradient(a, s, output_gradients=cotangent)
 
-    def kernel_transpose(self, cotangent):
-        """``cotangent W^T`` for a Dense site: a vector at ``s`` pulled back to ``x``."""
+    def pre_activation_shape(self, x):
+        """The shape of ``s`` for the input ``x``, without computing ``s`` when it is known statically."""
+        if self.is_dense:
+            return tf.concat([tf.shape(x)[:-1], [self.units]], axis=0)
+        shape = self.layer.compute_output_shape(tuple(x.shape))
+        if None in shape[1:]:  # the spatial size is known only at run time
+            return tf.shape(self.pre_activation(x))
+        return tf.concat([tf.shape(x)[:1], shape[1:]], axis=0)
+
+    def kernel_transpose(self, cotangent, x):
+        """``cotangent W^T``: a vector at ``s`` pulled back to the input ``x`` (only its shape matters).
+
+        For Conv2D the transposed convolution: the gradient of ``conv(x, W)``
+        in ``x`` with output gradient ``cotangent``.
+        """
         kernel = keras.ops.cast(self.kernel, cotangent.dtype)
-        return keras.ops.matmul(cotangent, keras.ops.transpose(kernel))
+        if self.is_dense:
+            return keras.ops.matmul(cotangent, keras.ops.transpose(kernel))
+        x = tf.cast(x, cotangent.dtype)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            s = self.layer.convolution_op(x, kernel)
+        return tape.gradient(s, x, output_gradients=cotangent)
 
     def weight_update(self, x, cotangent):
         """The weights' gradient for a given ``dL/ds``: ``[x^T cotangent, sum(cotangent)]``.
@@ -179,11 +204,7 @@ def layer_problem(layer, method, recompute=False):
         return "recompute=True runs the forward pass twice and would update its moving statistics twice"
     if recompute and _draws_random_numbers(layer):
         return "recompute=True runs the forward pass twice and it draws new random numbers each time"
-    if _is_site_layer(layer):
-        if isinstance(layer, _SITE_TYPES[method]):
-            return None
-        return f"{method} guesses Dense layers only (it pulls a guess back through the next Dense kernel)"
-    if not layer.trainable_weights or isinstance(layer, NORMALIZATION_LAYERS):
+    if _is_site_layer(layer) or not layer.trainable_weights or isinstance(layer, NORMALIZATION_LAYERS):
         return None
     return "a layer with trainable weights must be Dense, Conv2D or a normalisation layer"
 
@@ -291,19 +312,23 @@ class LayerStack:
                 "(BatchNormalization) would update its moving statistics once per guess. Use num_guesses=1."
             )
         if method in m.NEXT_LAYER_METHODS:
-            self._check_between_dense_layers(method)
+            self._link_sites(method)
 
-    def _check_between_dense_layers(self, method):
+    def _link_sites(self, method):
+        """Checks the layers between consecutive sites and gives each site the reshapes after it."""
         positions = [i for i, layer in enumerate(self.layers) if id(layer) in self._site_of]
         for first, second in zip(positions, positions[1:]):
-            for layer in self.layers[first + 1:second]:
-                if not isinstance(layer, _IDENTITY_IN_GUESS):
+            between = self.layers[first + 1:second]
+            for layer in between:
+                if not isinstance(layer, _IDENTITY_IN_GUESS + _RESHAPES):
                     raise _unsupported(
                         layer, method,
-                        f"between two Dense layers {method} allows only Dropout and normalisation layers "
-                        "(put activations in the Dense layer's `activation` argument)",
+                        f"between two Dense/Conv2D layers {method} allows only Flatten, Reshape, Dropout and "
+                        "normalisation layers (put activations in the layer's `activation` argument)",
                         [mm for mm in _supporting_methods(layer) if mm not in m.NEXT_LAYER_METHODS],
                     )
+            site = self._site_of[id(self.layers[first])]
+            site.reshapes = tuple(layer for layer in between if isinstance(layer, _RESHAPES))
 
     def next_site(self, site):
         """The site after ``site``, or ``None`` for the last one."""
