@@ -31,7 +31,7 @@ ACTIVATION_SPACE_METHODS = (
     ONE_LAYER_DOWNSTREAM,
 )
 
-# Methods whose guess for a layer is pulled back through the next Dense kernel.
+# Methods whose guess for a layer is pulled back through the next Dense or Conv2D kernel.
 NEXT_LAYER_METHODS = (WEIGHT_TRANSPOSE, ONE_LAYER_DOWNSTREAM)
 
 
