@@ -26,6 +26,8 @@ RADEMACHER = "rademacher"
 DISTRIBUTIONS = (NORMAL, RADEMACHER)
 _ALGORITHM = "philox"
 _BITS = 32
+_SIGN_BIT = -(2 ** 31)  # 0x80000000 as an int32
+_ONE_FLOAT32_BITS = 0x3F800000  # 1.0f
 
 
 def fold_in(seed, *indices):
@@ -46,13 +48,15 @@ def as_seed(seed):
 
 
 def _rademacher(seed, shape, dtype):
+    """Bit ``k`` of a random word moved to the sign bit of ``1.0f``: one full-size temporary."""
     size = tf.reduce_prod(tf.cast(shape, tf.int32))
     words = tf.random.stateless_uniform(
         [(size + _BITS - 1) // _BITS], seed=seed, minval=None, maxval=None, dtype=tf.int32, alg=_ALGORITHM
     )
-    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words[:, None], tf.range(_BITS, dtype=tf.int32)), 1)
-    signs = tf.cast(2 * bits - 1, dtype)
-    return tf.reshape(tf.reshape(signs, [-1])[:size], shape)
+    to_sign_bit = tf.range(_BITS - 1, -1, -1, dtype=tf.int32)  # bit k -> bit 31
+    sign_bits = tf.bitwise.bitwise_and(tf.bitwise.left_shift(words[:, None], to_sign_bit), _SIGN_BIT)
+    signs = tf.bitcast(tf.bitwise.bitwise_or(sign_bits, _ONE_FLOAT32_BITS), tf.float32)
+    return tf.cast(tf.reshape(tf.reshape(signs, [-1])[:size], shape), dtype)
 
 
 def draw(distribution, seed, shape, dtype, after=None):
