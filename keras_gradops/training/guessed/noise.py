@@ -26,8 +26,6 @@ RADEMACHER = "rademacher"
 DISTRIBUTIONS = (NORMAL, RADEMACHER)
 _ALGORITHM = "philox"
 _BITS = 32
-_SIGN_BIT = -(2 ** 31)  # 0x80000000 as an int32
-_ONE_FLOAT32_BITS = 0x3F800000  # 1.0f
 
 
 def fold_in(seed, *indices):
@@ -48,15 +46,14 @@ def as_seed(seed):
 
 
 def _rademacher(seed, shape, dtype):
-    """Bit ``k`` of a random word moved to the sign bit of ``1.0f``: one full-size temporary."""
+    """Bit ``k`` of a random word picks the sign: a bool mask, then one full-size float tensor."""
     size = tf.reduce_prod(tf.cast(shape, tf.int32))
     words = tf.random.stateless_uniform(
         [(size + _BITS - 1) // _BITS], seed=seed, minval=None, maxval=None, dtype=tf.int32, alg=_ALGORITHM
     )
-    to_sign_bit = tf.range(_BITS - 1, -1, -1, dtype=tf.int32)  # bit k -> bit 31
-    sign_bits = tf.bitwise.bitwise_and(tf.bitwise.left_shift(words[:, None], to_sign_bit), _SIGN_BIT)
-    signs = tf.bitcast(tf.bitwise.bitwise_or(sign_bits, _ONE_FLOAT32_BITS), tf.float32)
-    return tf.cast(tf.reshape(tf.reshape(signs, [-1])[:size], shape), dtype)
+    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words[:, None], tf.range(_BITS, dtype=tf.int32)), 1)
+    signs = tf.where(tf.cast(bits, tf.bool), tf.constant(1, dtype), tf.constant(-1, dtype))
+    return tf.reshape(tf.reshape(signs, [-1])[:size], shape)
 
 
 def draw(distribution, seed, shape, dtype, after=None):
