@@ -64,7 +64,7 @@ class GuessedGradientModel(GradientWrapperModel):
             numbers or keep moving statistics. The order that keeps memory low
             is enforced with control dependencies; without XLA, Grappler's
             model pruner can undo part of it (activation perturbation peaked
-            at 1.0-1.6x a backprop step with it, 0.56x without, see
+            at 0.6-1.4x a backprop step with it, 0.54x without, see
             ``benchmarks/guessed_gradients.py``):
             ``tf.config.optimizer.set_experimental_options({"disable_model_pruning": True})``
             before the first step turns it off, for the whole process.
