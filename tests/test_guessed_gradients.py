@@ -321,35 +321,33 @@ def two_conv_net(padding, known_size=True):
     ])
 
 
-def conv_matrix(kernel, size, stride, padding):
-    """The convolution of a (size, size, C) input as a (size*size*C, out*out*F) matrix (TF's padding rule)."""
-    k, _, channels, filters = kernel.shape
-    out = (size - k) // stride + 1 if padding == "valid" else -(-size // stride)
+def conv_taps(k, size, out, stride, padding):
+    """(o, p, di, dj, i, j): output (o, p) reads input (i, j) through kernel tap (di, dj) (TF's padding rule)."""
     pad = 0 if padding == "valid" else max((out - 1) * stride + k - size, 0) // 2
-    matrix = np.zeros((size, size, channels, out, out, filters))
     for o in range(out):
         for p in range(out):
             for di in range(k):
                 for dj in range(k):
                     i, j = o * stride + di - pad, p * stride + dj - pad
                     if 0 <= i < size and 0 <= j < size:
-                        matrix[i, j, :, o, p, :] = kernel[di, dj]
+                        yield o, p, di, dj, i, j
+
+
+def conv_matrix(kernel, size, stride, padding):
+    """The convolution of a (size, size, C) input as a (size*size*C, out*out*F) matrix."""
+    k, _, channels, filters = kernel.shape
+    out = (size - k) // stride + 1 if padding == "valid" else -(-size // stride)
+    matrix = np.zeros((size, size, channels, out, out, filters))
+    for o, p, di, dj, i, j in conv_taps(k, size, out, stride, padding):
+        matrix[i, j, :, o, p, :] = kernel[di, dj]
     return matrix.reshape(size * size * channels, out * out * filters), (out, out, filters)
 
 
 def conv_kernel_gradient(kernel_shape, stride, padding, x, g):
     """dL/dK of conv(x, K) for dL/ds = g, by explicit loops."""
-    k, _, _, _ = kernel_shape
-    size, out = x.shape[1], g.shape[1]
-    pad = 0 if padding == "valid" else max((out - 1) * stride + k - size, 0) // 2
     grad = np.zeros(kernel_shape)
-    for o in range(out):
-        for p in range(out):
-            for di in range(k):
-                for dj in range(k):
-                    i, j = o * stride + di - pad, p * stride + dj - pad
-                    if 0 <= i < size and 0 <= j < size:
-                        grad[di, dj] += x[:, i, j, :].T @ g[:, o, p, :]
+    for o, p, di, dj, i, j in conv_taps(kernel_shape[0], x.shape[1], g.shape[1], stride, padding):
+        grad[di, dj] += x[:, i, j, :].T @ g[:, o, p, :]
     return grad
 
 
