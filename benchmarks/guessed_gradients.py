@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_gradops as kgo  # noqa: E402
+from keras_gradops.data import standardize  # noqa: E402
 from keras_gradops.training.guessed import METHODS  # noqa: E402
 
 GUESSING_METHODS = [m for m in METHODS if m != "backprop"]
@@ -55,11 +56,6 @@ def mlp(inputs, seed=0):
 # -- data ------------------------------------------------------------------------------------
 
 
-def standardized(train, test):
-    mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
-    return ((train - mean) / std).astype("float32"), ((test - mean) / std).astype("float32")
-
-
 def load_cifar10(data_dir):
     import tensorflow_datasets as tfds
 
@@ -69,7 +65,7 @@ def load_cifar10(data_dir):
                                                  batch_size=-1, as_supervised=True))
         splits[split] = (images.reshape(len(images), -1).astype("float32") / 255.0, labels.astype("int64"))
     (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
-    x_train, x_test = standardized(x_train, x_test)
+    x_train, x_test = standardize(x_train, x_test)
     return "CIFAR-10", x_train, y_train, x_test, y_test
 
 
@@ -79,7 +75,7 @@ def load_digits():
     x, y = sklearn_digits(return_X_y=True)
     order = np.random.default_rng(0).permutation(len(x))
     x, y = x[order].astype("float32"), y[order].astype("int64")
-    x_train, x_test = standardized(x[:1500], x[1500:])
+    x_train, x_test = standardize(x[:1500], x[1500:])
     return "digits (sklearn, 8x8)", x_train, y[:1500], x_test, y[1500:]
 
 

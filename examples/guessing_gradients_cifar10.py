@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import example_utils  # noqa: E402
 
 import keras_gradops as kgo  # noqa: E402
+from keras_gradops.data import standardize  # noqa: E402
 
 GUESS_METHODS = ("directional_descent", "activation_perturbation", "weight_transpose",
                  "activation_mixing", "one_layer_downstream", "backprop")
@@ -54,13 +55,6 @@ def build_mlp(width):
     hidden = keras.layers.Dense(width, activation="relu")(inputs)
     hidden = keras.layers.Dense(width, activation="relu")(hidden)
     return keras.Model(inputs, keras.layers.Dense(10, name="logits")(hidden), name="mlp")
-
-
-def standardized(x_train, x_test):
-    """``(x - mean) / std`` per feature, with the mean and std of ``x_train`` (constant features: std 1)."""
-    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    return ((x_train - mean) / std).astype("float32"), ((x_test - mean) / std).astype("float32")
 
 
 def train_method(method, initial_weights, data, args):
@@ -129,7 +123,7 @@ def main(argv=None):
 
     splits = example_utils.cifar10(args, (args.num_train, args.num_test))
     (x_train, y_train), (x_test, y_test) = [(x.reshape(len(x), -1), y) for x, y in splits]
-    x_train, x_test = standardized(x_train, x_test)
+    x_train, x_test = standardize(x_train, x_test)
     data = [(x_train, y_train), (x_test, y_test)]
     keras.utils.set_random_seed(args.seed)
     initial_weights = build_mlp(args.width).get_weights()

@@ -3,6 +3,7 @@
 Real datasets load through ``tensorflow-datasets`` (``load_tfds``) or ship
 inside scikit-learn (``load_digits``); ``synthetic_images`` makes a learnable
 random stand-in in-process, for smoke tests with neither network nor files.
+``standardize`` centers and scales features with the training split's statistics.
 ``tensorflow_datasets`` and ``sklearn`` are imported only when used (they are
 in the ``examples`` extra, not in the package's dependencies).
 """
@@ -88,6 +89,21 @@ def load_digits(test_fraction=0.25, seed=0):
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y)
     return (x_train, y_train), (x_test, y_test)
+
+
+def standardize(x_train, x_test):
+    """``(x - mean) / std`` per feature, with the mean and std of ``x_train`` (a constant feature: std 1).
+
+    Args:
+        x_train: ``(n, features)`` array; its statistics are used for both splits.
+        x_test: ``(m, features)`` array.
+
+    Returns:
+        ``(x_train, x_test)`` standardized, float32.
+    """
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return ((x_train - mean) / std).astype("float32"), ((x_test - mean) / std).astype("float32")
 
 
 def synthetic_images(num_train, num_test, shape=(32, 32, 3), num_classes=10, noise=0.25, seed=0):

@@ -113,6 +113,14 @@ def test_load_digits_is_a_stratified_partition_of_sklearn_digits():
     np.testing.assert_allclose(train_share, test_share, atol=0.01)
 
 
+def test_standardize_uses_the_train_split_statistics():
+    # The guessing example and benchmark standardize per feature with the TRAIN split's mean and std (a
+    # constant feature keeps std 1): on pixels in [0, 1] activation mixing kills the first layer's ReLUs.
+    x_train, x_test = data.standardize(np.array([[0.0, 2.0, 5.0], [2.0, 2.0, 7.0]]), np.array([[3.0, 2.0, 6.0]]))
+    np.testing.assert_allclose(x_train, [[-1.0, 0.0, -1.0], [1.0, 0.0, 1.0]])
+    np.testing.assert_allclose(x_test, [[2.0, 0.0, 0.0]])
+
+
 def test_synthetic_images_are_seeded_and_learnable():
     (x_train, y_train), (x_test, y_test) = data.synthetic_images(400, 200, shape=(8, 8, 3), num_classes=5, seed=1)
     (x_again, y_again), _ = data.synthetic_images(400, 200, shape=(8, 8, 3), num_classes=5, seed=1)
@@ -290,12 +298,6 @@ def test_gradient_centralization_cifar10_quick(tmp_path):
 
 
 def test_guessing_gradients_cifar10_quick(tmp_path):
-    # Inputs are standardized per feature with the TRAIN split's mean and std (a constant feature keeps std 1):
-    # on pixels in [0, 1] activation mixing kills the first layer's ReLUs.
-    x_train, x_test = guessing_gradients_cifar10.standardized(np.array([[0.0, 2.0, 5.0], [2.0, 2.0, 7.0]]),
-                                                              np.array([[3.0, 2.0, 6.0]]))
-    np.testing.assert_allclose(x_train, [[-1.0, 0.0, -1.0], [1.0, 0.0, 1.0]])
-    np.testing.assert_allclose(x_test, [[2.0, 0.0, 0.0]])
     outcome = guessing_gradients_cifar10.main([
         "--quick", "--out-dir", str(tmp_path), "--verbose", "0",
         "--methods", "directional_descent", "weight_transpose", "backprop", "keras backprop"])
