@@ -8,7 +8,7 @@ needs the network to carry information across ~length/2 steps. Per seed, one
 LSTM is trained three times from the same weights on the same batches with
 Adam at 150x its usual learning rate (0.15): without clipping, with value
 clipping and with global-norm clipping. The pre-clip global gradient norm of every step is read
-from the optimizer's ``gradient_norm`` (``keras_gradops`` optimizers record
+from the optimizer's ``grad_norm`` (``keras_gradops`` optimizers record
 it; ``with_gradient_centralization(..., conv_only=True)`` centralizes nothing
 in a recurrent network, so it is the plain Keras optimizer plus that record
 and clipping after the cross-replica sum).
@@ -69,7 +69,7 @@ def make_optimizer(args, clipping):
     if args.momentum:
         config["momentum"] = args.momentum
     base = keras.optimizers.get({"class_name": args.optimizer, "config": config})
-    # conv_only=True: no LSTM/Dense kernel is centralized; the optimizer gains `gradient_norm`.
+    # conv_only=True: no LSTM/Dense kernel is centralized; the optimizer gains `grad_norm`.
     return kgo.with_gradient_centralization(base, conv_only=True)
 
 
@@ -86,7 +86,7 @@ class GradientNormLog(keras.callbacks.Callback):
         self.diverged_at = None
 
     def on_train_batch_end(self, batch, logs=None):
-        self.norms.append(float(self.model.optimizer.gradient_norm.numpy()))
+        self.norms.append(float(self.model.optimizer.grad_norm.numpy()))
         step = len(self.norms)
         if not np.isfinite(logs["loss"]):
             self.diverged_at = step

@@ -15,11 +15,16 @@ default the fan-in axes are all axes but the last. Some layers differ:
 | LayerNormalization over several axes, PReLU | per-element scales | none |
 | weights named ``bias`` (GRU: ``(2, 3 * units)``) or ``embeddings`` | | none, even unmapped |
 
-A weight's fan-in axes can only be read from its layer, so for models with
-such layers build a mapping with :func:`fan_in_axes` and give it to an
-optimizer (``fan_in_axes=...``). A mapping value of ``None`` means "this
+A weight's fan-in axes can only be read from its layer. A wrapper model
+reads them from the model it wraps (:func:`fan_in_axes`). An optimizer sees
+only variables, and a Keras variable does not point to its layer, so
+:func:`unit_axes` looks for the layer among the live Keras layers of the
+process when the optimizer is built: a ``Conv2DTranspose`` kernel gets its
+own axes without a mapping, whatever the layer is named. A mapping passed as
+``fan_in_axes=...`` comes first. A mapping value of ``None`` means "this
 weight has no per-unit fan-in": it is never centralized, and adaptive
-clipping treats it as a single unit, like a rank-1 bias.
+clipping treats it as a single unit, like a rank-1 bias. A layer class of
+your own is read as Keras' convention (output last) unless mapped.
 
 Keys are ``variable.path``. Keras renames the outer scope of a path when a
 model is loaded or cloned (a ``Sequential``'s ``sequential/conv/kernel`` is
@@ -27,7 +32,11 @@ model is loaded or cloned (a ``Sequential``'s ``sequential/conv/kernel`` is
 variable whose path ends with it, or that it ends with, at a ``/``.
 """
 
+import gc
+
 import keras
+
+from keras_gradops import keras_internals
 
 
 def default_fan_in_axes(rank):
@@ -108,7 +117,7 @@ def fan_in_axes(model):
             f"data or `model.build(input_shape)` first. Received unbuilt: {model.name}"
         )
     mapping = {}
-    for layer in model._flatten_layers(include_self=True, recursive=True):
+    for layer in keras_internals.all_layers(model, include_self=True):
         for attribute, axes in _layer_rules(layer):
             weight = getattr(layer, attribute, None)
             if weight is not None:
@@ -149,3 +158,54 @@ def resolve_fan_in_axes(variable, mapping=None):
     if variable.name in NO_FAN_IN_NAMES:
         return None
     return default_fan_in_axes(len(variable.shape))
+
+
+def _layer_axes_by_variable(layers):
+    """``{id(weight): axes or None}`` for the weights the layer rules above describe."""
+    found = {}
+    for layer in layers:
+        for attribute, axes in _layer_rules(layer):
+            weight = getattr(layer, attribute, None)
+            if weight is not None:
+                found[id(weight)] = axes
+    return found
+
+
+def _live_layers():
+    """Every Keras layer alive in this process (read once per optimizer build, ~0.1 s)."""
+    return [obj for obj in gc.get_objects() if isinstance(obj, keras.layers.Layer)]
+
+
+def unit_axes(variables, mapping=None, model=None):
+    """The fan-in axes of each variable, or ``None`` for a weight without a per-unit fan-in.
+
+    In order: the variable's entry in ``mapping``; the rule of its layer
+    (found in ``model``, or among the live layers of the process when no
+    model is given); ``None`` for weights named in :data:`NO_FAN_IN_NAMES`;
+    else :func:`default_fan_in_axes`.
+
+    Raises:
+        ValueError: an axis in ``mapping`` is not an axis of its variable, or
+            several keys match a variable with different axes.
+    """
+    needs_layers = [v for v in variables if not (mapping and _mapping_entry(mapping, v.path)[0])]
+    by_layer = {}
+    if needs_layers and any(len(v.shape) > 1 for v in needs_layers):
+        layers = keras_internals.all_layers(model, include_self=True) if model is not None else _live_layers()
+        by_layer = _layer_axes_by_variable(layers)
+    resolved = []
+    for variable in variables:
+        rank = len(variable.shape)
+        found, axes = _mapping_entry(mapping, variable.path) if mapping else (False, None)
+        if found and axes is not None and any(a >= rank for a in axes):
+            raise ValueError(
+                f"`fan_in_axes` maps variable `{variable.path}` of shape {tuple(variable.shape)} to axes "
+                f"{tuple(axes)}, beyond its rank {rank}. Build the mapping with "
+                "`fan_in_axes=kgo.fan_in_axes(model)`."
+            )
+        if not found and id(variable) in by_layer:
+            found, axes = True, by_layer[id(variable)]
+        if not found:
+            axes = None if variable.name in NO_FAN_IN_NAMES else default_fan_in_axes(rank)
+        resolved.append(None if axes is None else tuple(axes))
+    return resolved

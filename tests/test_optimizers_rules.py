@@ -189,7 +189,7 @@ def test_matches_numpy_reference(cls, case):
         np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-6)
         assert not np.allclose(g, w0)
     assert int(optimizer.iterations) == STEPS
-    np.testing.assert_allclose(float(optimizer.gradient_norm), norm, rtol=1e-5)
+    np.testing.assert_allclose(float(optimizer.grad_norm), norm, rtol=1e-5)
     assert int(optimizer.skipped_steps) == 0
 
 
@@ -375,7 +375,9 @@ def test_skip_nonfinite_leaves_weights_and_slots_untouched(jit_compile):
     variables = [keras.Variable(w) for w in weights]
     optimizer.build(variables)
     step = tf.function(lambda g: optimizer.apply(g, variables), jit_compile=jit_compile)
-    bookkeeping = {optimizer.iterations.path, optimizer.skipped_steps.path, optimizer.gradient_norm.path}
+    # A skipped step changes no variable but the count (iterations and grad_norm included,
+    # as Keras' LossScaleOptimizer skips a step).
+    bookkeeping = {optimizer.skipped_steps.path}
 
     def state():
         slots = {v.path: v.numpy() for v in optimizer.variables if v.path not in bookkeeping}
@@ -393,8 +395,7 @@ def test_skip_nonfinite_leaves_weights_and_slots_untouched(jit_compile):
     assert slots_after.keys() == slots_before.keys() and len(slots_after) >= 6
     for path in slots_before:
         np.testing.assert_array_equal(slots_after[path], slots_before[path], err_msg=path)
-    assert int(optimizer.skipped_steps) == 1 and int(optimizer.iterations) == 2
-    assert not np.isfinite(float(optimizer.gradient_norm))
+    assert int(optimizer.skipped_steps) == 1 and int(optimizer.iterations) == 1
     step([tf.constant(g) for g in grads[2]])
     assert int(optimizer.skipped_steps) == 1
     assert all(np.all(np.isfinite(v.numpy())) for v in variables)

@@ -69,7 +69,7 @@ def _check_global_clipnorm_clips_the_aggregated_gradient(strategy, name):
         np.testing.assert_allclose(var.numpy(), [-0.6, -0.8], rtol=1e-6, err_msg=name)
     for component in var.value.values:  # every replica's copy is the same
         np.testing.assert_allclose(component.numpy(), var.numpy(), err_msg=name)
-    np.testing.assert_allclose(optimizer.gradient_norm.numpy(), 5.0, rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(optimizer.grad_norm.numpy(), 5.0, rtol=1e-6, err_msg=name)
 
 
 def _check_centralization_and_clipping_act_on_the_sum_of_replica_gradients(strategy):
@@ -94,7 +94,7 @@ def _check_skip_nonfinite_sees_a_nan_on_any_replica(strategy):
     for component in var.value.values:
         np.testing.assert_array_equal(component.numpy(), initial)
     assert int(optimizer.skipped_steps.numpy()) == 2
-    assert int(optimizer.iterations.numpy()) == 2
+    assert int(optimizer.iterations.numpy()) == 0  # a skipped step does not advance it
 
 
 def test_mirrored_strategy(two_replica_strategy):
@@ -133,7 +133,7 @@ def test_gradient_accumulation_updates_with_the_clipped_centralized_mean():
             expected[j] = expected[j] + momentum[j]
         for var, w in zip(variables, expected):
             np.testing.assert_allclose(var.numpy(), w, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(optimizer.gradient_norm.numpy(), norm, rtol=1e-5)
+        np.testing.assert_allclose(optimizer.grad_norm.numpy(), norm, rtol=1e-5)
 
 
 def test_ema_averages_the_centralized_trajectory():

@@ -10,8 +10,8 @@ gradient norm is floored at ``1e-6`` in the division.
 
 import tensorflow as tf
 
+from keras_gradops.arguments import check_positive
 from keras_gradops.fan_in import resolve_fan_in_axes
-from keras_gradops.ops.clipping import check_threshold
 from keras_gradops.ops._dtypes import to_float32, values_of
 
 GRADIENT_NORM_FLOOR = 1e-6
@@ -58,28 +58,39 @@ def adaptive_clip(gradients, variables, clipping=0.01, eps=1e-3, fan_in_axes=Non
         >>> [round(x, 6) for x in g.numpy().ravel().tolist()]  # ||G|| = 50 > 0.1 * ||W|| = 0.5
         [0.3, 0.4]
     """
-    check_threshold(clipping, "clipping")
-    check_threshold(eps, "eps")
+    check_positive(clipping, "clipping")
+    check_positive(eps, "eps")
     if len(gradients) != len(variables):
         raise ValueError(
             f"`gradients` and `variables` must align one to one. Received "
             f"{len(gradients)} gradients and {len(variables)} variables."
         )
-    clipped = []
-    for gradient, variable in zip(gradients, variables):
-        if gradient is None:
-            clipped.append(None)
-            continue
-        sparse = isinstance(gradient, tf.IndexedSlices)
-        axes = () if sparse else _agc_axes(variable, fan_in_axes)
-        grad_values = values_of(gradient)
-        max_norm = clipping * tf.maximum(unitwise_norm(tf.convert_to_tensor(variable), axes), eps)
-        grad_norm = unitwise_norm(grad_values, axes)
-        scale = tf.minimum(1.0, max_norm / tf.maximum(grad_norm, GRADIENT_NORM_FLOOR))
-        if sparse:
-            scale = tf.reshape(scale, [])
-        new_values = tf.cast(to_float32(grad_values) * scale, grad_values.dtype)
-        clipped.append(
-            tf.IndexedSlices(new_values, gradient.indices, gradient.dense_shape) if sparse else new_values
-        )
-    return clipped
+    return [
+        None if g is None else clip_unitwise(g, v, _agc_axes(v, fan_in_axes), clipping, eps)
+        for g, v in zip(gradients, variables)
+    ]
+
+
+def clip_unitwise(gradient, weight, axes, clipping, eps):
+    """AGC of one tensor: ``G_i <- G_i * min(1, clipping * max(||W_i||, eps) / max(||G_i||, 1e-6))``.
+
+    Args:
+        gradient: a dense tensor or a ``tf.IndexedSlices`` (clipped as one
+            unit against the whole weight's norm, and kept sparse).
+        weight: the variable (or its value) the gradient belongs to.
+        axes: the fan-in axes of one unit; ``()`` makes the whole tensor one unit.
+        clipping, eps: as in :func:`adaptive_clip`.
+
+    Returns:
+        The clipped gradient, in its own dtype.
+    """
+    sparse = isinstance(gradient, tf.IndexedSlices)
+    axes = () if sparse else tuple(axes)
+    grad_values = values_of(gradient)
+    max_norm = clipping * tf.maximum(unitwise_norm(tf.convert_to_tensor(weight), axes), eps)
+    grad_norm = unitwise_norm(grad_values, axes)
+    scale = tf.minimum(1.0, max_norm / tf.maximum(grad_norm, GRADIENT_NORM_FLOOR))
+    if sparse:
+        scale = tf.reshape(scale, [])
+    new_values = tf.cast(to_float32(grad_values) * scale, grad_values.dtype)
+    return tf.IndexedSlices(new_values, gradient.indices, gradient.dense_shape) if sparse else new_values

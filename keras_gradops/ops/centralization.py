@@ -8,15 +8,11 @@ their gradient: ``Phi_GC(g_i) = g_i - mean(g_i)``, the projection of the
 gradient onto the hyperplane ``e^T (w - w_t) = 0``.
 """
 
-import numpy as np
 import tensorflow as tf
 
 from keras_gradops.fan_in import resolve_fan_in_axes
 from keras_gradops.ops._dtypes import to_float32
-
-CONV_MIN_RANK = 4
-"""``conv_only`` centralizes weights of rank >= 4, as the reference ``_GCC``
-optimizers do (``len(p.shape) > 3``): Conv2D/3D and their variants."""
+from keras_gradops.pipeline.centralization import CentralizationSelection
 
 
 def centralize(gradient, axes):
@@ -47,18 +43,13 @@ def centralization_axes(variable, conv_only=False, fan_in_axes=None):
 
     Rank-1 variables (biases, normalisation scales) and weights named
     ``bias`` or ``embeddings`` (Keras' GRU and EinsumDense biases have rank 2)
-    are never centralized; with ``conv_only`` neither is anything of rank below 4. A unit whose
-    fan-in holds a single weight is left alone: centralizing it would zero
-    its gradient. ``fan_in_axes`` overrides the layout per variable path;
-    a ``None`` entry excludes the variable.
+    are never centralized; with ``conv_only`` neither is anything of rank
+    below 4. A unit whose fan-in holds a single weight is left alone:
+    centralizing it would zero its gradient. ``fan_in_axes`` overrides the
+    layout per variable path; a ``None`` entry excludes the variable. (See
+    :mod:`keras_gradops.pipeline.centralization` for the rules.)
     """
-    rank = len(variable.shape)
-    if rank <= 1 or (conv_only and rank < CONV_MIN_RANK):
-        return None
-    axes = resolve_fan_in_axes(variable, fan_in_axes)
-    if not axes or int(np.prod([variable.shape[a] for a in axes])) <= 1:
-        return None
-    return axes
+    return CentralizationSelection(conv_only).axes(variable, resolve_fan_in_axes(variable, fan_in_axes))
 
 
 def centralize_gradients(gradients, variables, conv_only=False, fan_in_axes=None):

@@ -9,22 +9,10 @@ Gradient clipping against exploding gradients: Pascanu, Mikolov & Bengio,
 "On the difficulty of training recurrent neural networks", ICML 2013.
 """
 
-import numbers
-
 import tensorflow as tf
 
+from keras_gradops.arguments import check_positive
 from keras_gradops.ops._dtypes import map_values, to_float32, values_of
-
-
-def is_positive_number(value):
-    """``True`` for a positive real number (NumPy scalars too), ``False`` for bools."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
-
-
-def check_threshold(value, name):
-    """Raises ``ValueError`` unless ``value`` is a positive real number."""
-    if not is_positive_number(value):
-        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
 
 
 def global_norm(gradients):
@@ -72,7 +60,7 @@ def clip_by_global_norm(gradients, clip_norm):
         >>> float(norm), [round(x, 6) for x in clipped[0].numpy().tolist()]
         (5.0, [0.6, 0.8])
     """
-    check_threshold(clip_norm, "clip_norm")
+    check_positive(clip_norm, "clip_norm")
     norm = global_norm(gradients)
     clipped, _ = tf.clip_by_global_norm(list(gradients), clip_norm, use_norm=norm)
     return clipped, norm
@@ -95,7 +83,7 @@ def clip_by_norm(gradients, clip_norm):
         >>> [round(x, 6) for x in clip_by_norm([tf.constant([3.0, 4.0])], 1.0)[0].numpy().tolist()]
         [0.6, 0.8]
     """
-    check_threshold(clip_norm, "clip_norm")
+    check_positive(clip_norm, "clip_norm")
 
     def clip(values):
         return tf.cast(tf.clip_by_norm(to_float32(values), clip_norm), values.dtype)
@@ -119,7 +107,7 @@ def clip_by_value(gradients, clip_value):
         >>> clip_by_value([tf.constant([-3.0, 0.5])], 1.0)[0].numpy().tolist()
         [-1.0, 0.5]
     """
-    check_threshold(clip_value, "clip_value")
+    check_positive(clip_value, "clip_value")
 
     def clip(values):
         return tf.clip_by_value(values, -clip_value, clip_value)

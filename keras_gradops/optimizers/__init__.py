@@ -3,11 +3,11 @@
 from keras_gradops.optimizers.adagrad import AdagradGC, AdagradGCC
 from keras_gradops.optimizers.adam import AdamGC, AdamGCC, AdamWGC, AdamWGCC
 from keras_gradops.optimizers.centralized import centralized_class, with_gradient_centralization
-from keras_gradops.optimizers.pipeline import GradientPipelineMixin
+from keras_gradops.optimizers.base import GradientChainMixin
 from keras_gradops.optimizers.sgd import SGDGC, SGDGCC, SGDWGC, SGDWGCC
 
 __all__ = [
     "AdagradGC", "AdagradGCC", "AdamGC", "AdamGCC", "AdamWGC", "AdamWGCC",
-    "GradientPipelineMixin", "SGDGC", "SGDGCC", "SGDWGC", "SGDWGCC",
+    "GradientChainMixin", "SGDGC", "SGDGCC", "SGDWGC", "SGDWGCC",
     "centralized_class", "with_gradient_centralization",
 ]

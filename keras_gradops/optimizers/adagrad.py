@@ -7,7 +7,7 @@ weight decay added to the gradient, centralization before the accumulator.
 
 import keras
 
-from keras_gradops.optimizers.pipeline import GradientPipelineMixin
+from keras_gradops.optimizers.base import GradientChainMixin
 
 _register = keras.saving.register_keras_serializable(package="keras_gradops")
 
@@ -19,12 +19,13 @@ _ARGS = """
         weight_decay: L2 penalty added before centralization,
             ``g <- GC(g + weight_decay * w)``.
         fan_in_axes, skip_nonfinite, clipnorm, clipvalue, global_clipnorm,
+        adaptive_clipping, adaptive_clipping_eps,
         and the other Keras arguments: as in ``keras_gradops.SGDGC``.
 """
 
 
 @_register
-class AdagradGC(GradientPipelineMixin, keras.optimizers.Adagrad):
+class AdagradGC(GradientChainMixin, keras.optimizers.Adagrad):
     __doc__ = """Adagrad with gradient centralization of dense and convolution kernels.
 
     Per step: ``g <- GC(g + weight_decay * w)``, ``a <- a + g^2``,

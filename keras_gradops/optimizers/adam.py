@@ -13,11 +13,12 @@ the W classes) is centralized per output unit.
 import keras
 import tensorflow as tf
 
-from keras_gradops.ops.centralization import centralize
-from keras_gradops.optimizers.pipeline import GradientPipelineMixin
-from keras_gradops.optimizers.validation import validate_centralization
+from keras_gradops import keras_internals
+from keras_gradops.arguments import check_choice
+from keras_gradops.optimizers.base import GradientChainMixin
 
 _register = keras.saving.register_keras_serializable(package="keras_gradops")
+CENTRALIZATION_TARGETS = ("gradient", "update")
 
 _ARGS = """
     Args:
@@ -36,46 +37,40 @@ _DECOUPLED = ("Keras' decoupled decay ``w <- w - lr * weight_decay * w`` "
 
 
 class CentralizedUpdateMixin:
-    """Adds the ``centralization`` choice (gradient or final update) to an Adam class."""
+    """Adds the ``centralization`` choice (gradient or final update) to an Adam class.
+
+    With ``"update"`` (the reference's GC2), Keras' own Adam ``update_step``
+    runs on the weight, and its whole change is then centralized:
+    ``w <- w0 - GC(w0 - w_Adam)``, where ``w0`` is the weight before Keras'
+    decoupled decay (so the decay term ``lr * wd * w0`` is centralized with
+    the Adam step, as in the reference ``AdamW_GC2``). Since only the mean
+    over each unit changes, ``w <- w_Adam + mean(w0 - w_Adam)``.
+    """
 
     def __init__(self, *args, centralization="gradient", **kwargs):
-        validate_centralization(centralization)
+        check_choice(centralization, "centralization", CENTRALIZATION_TARGETS)
         super().__init__(*args, **kwargs)
         self.centralization = centralization
+        self.chain.centralize = self.centralize_gradient
 
     @property
     def centralize_gradient(self):
         return self.centralization == "gradient"
 
-    def _update_variable(self, grad, var, learning_rate):
-        axes = self._axes_of(var)
-        if self.centralize_gradient or axes is None:
-            super()._update_variable(grad, var, learning_rate)
+    def update_step(self, gradient, variable, learning_rate):
+        if self.centralize_gradient:
+            return super().update_step(gradient, variable, learning_rate)
+        axes = self.chain.centralization_axes(keras_internals.variable_index(self, variable))
+        before = tf.identity(variable)  # after Keras' decoupled decay: w1 = (1 - lr * wd) * w0
+        super().update_step(gradient, variable, learning_rate)
+        if axes is None:
             return
-        self._centralized_update_step(grad, var, learning_rate, axes)
-
-    def _centralized_update_step(self, gradient, variable, learning_rate, axes):
-        """Keras' Adam step with ``w <- w - GC(alpha m / (sqrt(v) + eps) [+ lr wd w])``."""
-        dtype = variable.dtype
-        lr = tf.cast(learning_rate, dtype)
-        gradient = tf.cast(gradient, dtype)
-        step = tf.cast(self.iterations + 1, dtype)
-        alpha = lr * tf.sqrt(1 - tf.pow(tf.cast(self.beta_2, dtype), step)) / (
-            1 - tf.pow(tf.cast(self.beta_1, dtype), step)
-        )
-        index = self._get_variable_index(variable)
-        m = self._momentums[index]
-        v = self._velocities[index]
-        self.assign_add(m, (gradient - m) * (1 - self.beta_1))
-        self.assign_add(v, (tf.square(gradient) - v) * (1 - self.beta_2))
-        if self.amsgrad:
-            v_hat = self._velocity_hats[index]
-            self.assign(v_hat, tf.maximum(v_hat, v))
-            v = v_hat
-        delta = alpha * m / (tf.sqrt(v) + self.epsilon)
-        if self._uses_decoupled_decay(variable):
-            delta = delta + lr * tf.cast(self.weight_decay, dtype) * variable
-        self.assign_sub(variable, centralize(delta, axes))
+        change = before - variable  # the Adam step
+        if self.weight_decay is not None and keras_internals.uses_weight_decay(self, variable):
+            decay = tf.cast(learning_rate, variable.dtype) * tf.cast(self.weight_decay, variable.dtype)
+            change = change + decay / (1 - decay) * before  # + lr * wd * w0
+        mean = tf.reduce_mean(change, axis=list(axes), keepdims=True)
+        self.assign_add(variable, tf.broadcast_to(mean, tf.shape(change)))
 
     def get_config(self):
         config = super().get_config()
@@ -84,7 +79,7 @@ class CentralizedUpdateMixin:
 
 
 @_register
-class AdamGC(CentralizedUpdateMixin, GradientPipelineMixin, keras.optimizers.Adam):
+class AdamGC(CentralizedUpdateMixin, GradientChainMixin, keras.optimizers.Adam):
     __doc__ = """Adam with gradient centralization of dense and convolution kernels.
 
     Per step, for each weight of rank > 1: ``g <- GC(g + weight_decay * w)``,
@@ -108,7 +103,7 @@ class AdamGCC(AdamGC):
 
 
 @_register
-class AdamWGC(CentralizedUpdateMixin, GradientPipelineMixin, keras.optimizers.AdamW):
+class AdamWGC(CentralizedUpdateMixin, GradientChainMixin, keras.optimizers.AdamW):
     __doc__ = """AdamW (decoupled weight decay) with gradient centralization.
 
     Per step: ``w <- w - lr * weight_decay * w``, the raw gradient of each

@@ -16,7 +16,8 @@ The classes for Keras' built-in optimizers are registered when
 
 import keras
 
-from keras_gradops.optimizers.pipeline import GradientPipelineMixin
+from keras_gradops.arguments import check_bool
+from keras_gradops.optimizers.base import GradientChainMixin
 
 BUILTIN_OPTIMIZERS = (
     "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax",
@@ -30,10 +31,10 @@ class ConvOnlyArgumentMixin:
     """Makes ``conv_only`` a constructor argument instead of a class attribute."""
 
     def __init__(self, *args, conv_only=False, **kwargs):
-        if not isinstance(conv_only, bool):
-            raise ValueError(f"`conv_only` must be a bool. Received: conv_only={conv_only!r}")
+        check_bool(conv_only, "conv_only")
         super().__init__(*args, **kwargs)
         self.conv_only = conv_only
+        self.chain.selection.conv_only = conv_only
 
     def get_config(self):
         config = super().get_config()
@@ -63,7 +64,7 @@ def centralized_class(optimizer_class):
             "`optimizer_class` must be a subclass of keras.optimizers.Optimizer. "
             f"Received: optimizer_class={optimizer_class!r}"
         )
-    if issubclass(optimizer_class, GradientPipelineMixin):
+    if issubclass(optimizer_class, GradientChainMixin):
         raise TypeError(f"`{optimizer_class.__name__}` already centralizes gradients.")
     if issubclass(optimizer_class, _UNSUPPORTED):
         raise TypeError(
@@ -78,7 +79,7 @@ def centralized_class(optimizer_class):
         )
     if optimizer_class not in _CLASSES:
         name = f"Centralized{optimizer_class.__name__}"
-        cls = type(name, (ConvOnlyArgumentMixin, GradientPipelineMixin, optimizer_class), {
+        cls = type(name, (ConvOnlyArgumentMixin, GradientChainMixin, optimizer_class), {
             "__doc__": f"``{optimizer_class.__name__}`` with gradient centralization; "
                        "see ``keras_gradops.with_gradient_centralization``.",
             "__module__": __name__,

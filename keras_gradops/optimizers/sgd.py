@@ -7,7 +7,7 @@ implementation of Yong et al., "Gradient Centralization", ECCV 2020
 
 import keras
 
-from keras_gradops.optimizers.pipeline import GradientPipelineMixin
+from keras_gradops.optimizers.base import GradientChainMixin
 
 _register = keras.saving.register_keras_serializable(package="keras_gradops")
 
@@ -19,14 +19,20 @@ _SGD_ARGS = """
         nesterov: whether to use Nesterov momentum. Defaults to ``False``.
         weight_decay: {weight_decay}
         fan_in_axes: optional ``{{variable.path: axes or None}}`` for weights
-            whose output unit is not the last axis (``Conv2DTranspose``,
-            ``DepthwiseConv2D``, ``EinsumDense``, ``Embedding``): pass
-            ``keras_gradops.fan_in_axes(model)``.
-        skip_nonfinite: if ``True``, skip (and count in ``skipped_steps``)
-            steps whose aggregated gradient holds a NaN or Inf.
+            whose output unit is not the last axis; without it each weight's
+            layer (``Conv2DTranspose``, ``DepthwiseConv2D``, ``EinsumDense``,
+            ``Embedding``, ...) is looked up when the optimizer is built.
+            ``keras_gradops.fan_in_axes(model)`` builds the mapping.
+        skip_nonfinite: if ``True``, a step whose aggregated gradient holds a
+            NaN or Inf changes nothing (weights, slots, ``iterations``) and is
+            counted in ``skipped_steps``.
         clipnorm, clipvalue, global_clipnorm: clip the raw gradient, after
             the cross-replica all-reduce, before L2 and centralization. The
-            pre-clip global norm of the last step is in ``gradient_norm``.
+            pre-clip global norm of the last step is in ``grad_norm``, the
+            threshold of ``global_clipnorm`` in ``grad_clip_threshold``.
+        adaptive_clipping, adaptive_clipping_eps: adaptive gradient clipping
+            (AGC, Brock et al. 2021) of each output unit instead: its gradient
+            norm is kept below ``adaptive_clipping * max(||W_i||, eps)``.
         use_ema, ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as in ``keras.optimizers.SGD``.
 """
@@ -37,7 +43,7 @@ _DECOUPLED = ("non-negative float: Keras' decoupled decay, "
 
 
 @_register
-class SGDGC(GradientPipelineMixin, keras.optimizers.SGD):
+class SGDGC(GradientChainMixin, keras.optimizers.SGD):
     __doc__ = """SGD with gradient centralization of dense and convolution kernels.
 
     Per step, for each weight ``w`` of rank > 1 with gradient ``g``:
@@ -62,7 +68,7 @@ class SGDGCC(SGDGC):
 
 
 @_register
-class SGDWGC(GradientPipelineMixin, keras.optimizers.SGD):
+class SGDWGC(GradientChainMixin, keras.optimizers.SGD):
     __doc__ = """SGD with decoupled weight decay and gradient centralization.
 
     Per step: ``w <- w - lr * weight_decay * w``, then the raw gradient of each

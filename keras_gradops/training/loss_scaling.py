@@ -4,14 +4,13 @@ Keras scales the loss with ``optimizer.scale_loss`` inside the tape and lets
 ``optimizer.apply`` divide the gradients back: by ``loss_scale_factor``, or,
 for ``keras.optimizers.LossScaleOptimizer`` (made by ``compile`` under
 ``mixed_float16``), by its dynamic scale, after a finiteness check that reads
-the first replica only (DESIGN.md section 4). Gradient ops need the unscaled
-gradient, so a train step here unscales it itself, applies it with the
-optimizer that does not unscale, and adapts the dynamic scale as
-``LossScaleOptimizer`` does: halve it after a non-finite step, double it after
-``dynamic_growth_steps`` finite steps in a row.
+the first replica only. A gradient source here returns the unscaled
+gradient; the train step applies it with the optimizer inside the
+``LossScaleOptimizer`` (multiplied back by a static ``loss_scale_factor``,
+which that optimizer divides out again) and adapts the dynamic scale as
+``LossScaleOptimizer`` does: halve it after a non-finite step, double it
+after ``dynamic_growth_steps`` finite steps in a row.
 """
-
-import contextlib
 
 import keras
 import tensorflow as tf
@@ -46,15 +45,16 @@ def updating_optimizer(optimizer):
     return optimizer.inner_optimizer if _is_dynamic(optimizer) else optimizer
 
 
-@contextlib.contextmanager
-def applying_unscaled(optimizer):
-    """While tracing ``apply``, stops ``optimizer`` dividing by ``loss_scale_factor``."""
+def for_apply(gradients, optimizer):
+    """Unscaled gradients as ``optimizer.apply`` expects them: times its ``loss_scale_factor``, if any."""
     factor = optimizer.loss_scale_factor
-    optimizer.loss_scale_factor = None
-    try:
-        yield optimizer
-    finally:
-        optimizer.loss_scale_factor = factor
+    if factor is None:
+        return list(gradients)
+
+    def multiply(values):
+        return values * tf.cast(factor, values.dtype)
+
+    return [None if g is None else map_values(g, multiply) for g in gradients]
 
 
 def after_finite_step(optimizer):

@@ -1,58 +1,36 @@
-"""A Keras model wrapper whose train step applies gradient ops and reports on them.
+"""A Keras model wrapper whose train step runs the gradient chain and reports on it.
 
 :class:`GradientWrapperModel` holds any Keras model and trains it with one
 train step for every gradient source: a subclass changes only
 :meth:`~GradientWrapperModel.compute_gradients` (backprop here, a forward-mode
-guess in :mod:`keras_gradops.training.guessed`). Per step, on the gradient
-summed over replicas:
+guess in :mod:`keras_gradops.training.guessed`). Per step:
 
-1. the gradient ops of :class:`~keras_gradops.training.options.GradientOps`
-   (clipping, then centralization), which record the pre-clip global norm;
-2. ``optimizer.apply`` of any Keras optimizer; with ``skip_nonfinite`` a step
-   whose global norm is NaN/Inf changes no weight and no optimizer variable;
-3. telemetry as Keras metrics, so the fit logs, ``History``, the progress bar
-   and ``keras.callbacks.TensorBoard`` show epoch means: ``grad_norm`` (pre-clip
-   global norm), ``clipped_fraction`` (share of steps the clipping changed),
-   ``skipped_steps`` (count of skipped steps), and ``grad_norm/<layer>``.
+1. the gradient source gives each replica's gradient;
+2. with ``skip_nonfinite`` (or a dynamic loss scale), a step whose aggregated
+   gradient would hold a NaN/Inf is skipped before anything changes
+   (:mod:`keras_gradops.pipeline.guard`);
+3. ``optimizer.apply`` of any Keras optimizer: Keras sums the replicas'
+   gradients (the step's one all-reduce), the gradient chain
+   (:mod:`keras_gradops.pipeline.chain`: clipping, then centralization) runs
+   on that sum, and the optimizer updates with the result;
+4. telemetry (:mod:`keras_gradops.training.telemetry`) as epoch means.
 """
-
-import warnings
 
 import keras
 import tensorflow as tf
-from keras.src.export import export_utils
 
+from keras_gradops import keras_internals
+from keras_gradops.arguments import check_bool
 from keras_gradops.fan_in import fan_in_axes as read_fan_in_axes
-from keras_gradops.training import loss_scaling, replicas
+from keras_gradops.pipeline import guard
+from keras_gradops.pipeline.chain import GradientChain
+from keras_gradops.pipeline.clipping import OPTIONS as CLIPPING_OPTIONS
+from keras_gradops.pipeline.clipping import clipping_from_options
+from keras_gradops.training import loss_scaling, multi_worker
 from keras_gradops.training.gradient_probe import GradientProbe
-from keras_gradops.training.layer_groups import group_norms, resolve_layers, variable_groups
-from keras_gradops.training.options import GradientOps
-
-_OPTIMIZER_CLIPPING = ("clipnorm", "clipvalue", "global_clipnorm")
-
-
-class _SkipCounter:
-    """Consecutive skipped steps, in a variable outside the model's weights."""
-
-    def __init__(self):
-        self.consecutive = tf.Variable(
-            0, dtype=tf.int64, trainable=False,
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA, name="consecutive_skips",
-        )
-
-
-def _check_max_consecutive_skips(value, skip_nonfinite):
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"`max_consecutive_skips` must be a positive int or None. Received: max_consecutive_skips={value!r}"
-        )
-    if not skip_nonfinite:
-        raise ValueError(
-            "`max_consecutive_skips` counts skipped steps; it needs `skip_nonfinite=True`. "
-            f"Received: skip_nonfinite=False, max_consecutive_skips={value}"
-        )
+from keras_gradops.training.layer_groups import resolve_layers, variable_groups
+from keras_gradops.training.skip_limit import SkipLimit, check_max_consecutive_skips
+from keras_gradops.training.telemetry import Telemetry
 
 
 def _layer_norm_names(model, layer_norms):
@@ -63,14 +41,16 @@ def _layer_norm_names(model, layer_norms):
             "`layer_norms=True` reads the layers with trainable weights of a built model; "
             f"build {model.name!r} first or pass a list of layer names."
         )
-    if layer_norms is True:
-        return tuple(layer.name for layer in resolve_layers(model, True))
-    if isinstance(layer_norms, (str, keras.layers.Layer)) or not isinstance(layer_norms, (list, tuple)):
+    if layer_norms is not True and (
+        isinstance(layer_norms, (str, keras.layers.Layer)) or not isinstance(layer_norms, (list, tuple))
+    ):
         raise TypeError(
             "`layer_norms` must be None, True or a list of layer names or layers. "
             f"Received: layer_norms={layer_norms!r}"
         )
-    names = {layer.name for layer in model._flatten_layers(include_self=False)}
+    if layer_norms is True:
+        return tuple(layer.name for layer in resolve_layers(model, True))
+    names = {layer.name for layer in keras_internals.all_layers(model)}
     chosen = [entry.name if isinstance(entry, keras.layers.Layer) else entry for entry in layer_norms]
     for name in chosen:
         if name not in names:
@@ -79,36 +59,46 @@ def _layer_norm_names(model, layer_norms):
 
 
 @keras.saving.register_keras_serializable(package="keras_gradops")
-class GradientWrapperModel(keras.Model):
-    """Wraps a Keras model; its train step applies gradient ops and logs telemetry.
+class GradientWrapperModel(keras_internals.MultiWorkerSymbolicBuildMixin, keras.Model):
+    """Wraps a Keras model; its train step runs the gradient chain and logs telemetry.
 
     ``predict``, ``evaluate``, ``call`` and ``export`` behave as the wrapped
     model's. Subclasses provide another gradient source by overriding
-    :meth:`compute_gradients`.
+    :meth:`compute_gradients`. Works under ``MirroredStrategy`` and
+    ``MultiWorkerMirroredStrategy`` (where Keras' own ``fit`` fails for every
+    model, keras-team/keras#20585), with exactly one all-reduce of the
+    gradient per step.
 
     Args:
         model: the ``keras.Model`` to train (available as ``self.model``).
-        global_clipnorm, clipnorm, clipvalue, adaptive_clipping,
-        adaptive_clipping_eps, centralize, conv_only, fan_in_axes: the gradient
-            ops, see :class:`~keras_gradops.training.options.GradientOps`.
-            ``fan_in_axes=None`` uses :func:`keras_gradops.fan_in_axes` of
-            ``model``. Set clipping here, not on the optimizer.
-        skip_nonfinite: if ``True``, a step whose aggregated gradient has a
-            NaN/Inf (its global norm is not finite, which also catches a sum of
-            squares beyond float32's range) changes no weight and no optimizer
-            variable, ``iterations`` included, and is counted in
-            ``skipped_steps``; ``grad_norm`` and ``clipped_fraction`` then
-            average the applied steps only. (The optimizers of
-            :mod:`keras_gradops.optimizers` offer the same guard without a
-            wrapper, ``skip_nonfinite=True``; theirs advances ``iterations``.)
+        global_clipnorm: clip the global norm of the aggregated gradient to
+            this: a positive number, or an adaptive threshold
+            (:mod:`keras_gradops.thresholds`).
+        clipnorm: clip each gradient tensor's norm to this.
+        clipvalue: clip each element to ``[-clipvalue, clipvalue]``.
+        adaptive_clipping, adaptive_clipping_eps: AGC (Brock et al. 2021):
+            each output unit's gradient norm at most
+            ``adaptive_clipping * max(||W_i||, adaptive_clipping_eps)``.
+        centralize: gradient centralization (Yong et al., ECCV 2020) of every
+            weight of rank >= 2 with a per-unit fan-in.
+        conv_only: with ``centralize``, convolution kernels only (rank >= 4).
+        fan_in_axes: ``{variable.path: axes or None}``; ``None`` reads it from
+            ``model`` with :func:`keras_gradops.fan_in_axes`.
+        skip_nonfinite: a step whose aggregated gradient has a NaN/Inf changes
+            no weight and no optimizer variable, ``iterations`` included, and
+            is counted in ``skipped_steps``; ``grad_norm`` and
+            ``clipped_fraction`` average the applied steps.
         max_consecutive_skips: with ``skip_nonfinite``, stop ``fit`` (with a
             warning) after this many skipped steps in a row.
         layer_norms: ``True`` (every top-level layer with trainable weights) or
-            a list of layer names: log ``grad_norm/<layer>``, the pre-clip
-            gradient norm of each layer's weights.
+            a list of layer names: log ``grad_norm/<layer>``.
         **kwargs: ``keras.Model`` arguments (``name``, ...). The dtype policy
             defaults to the wrapped model's, so ``compile`` adds loss scaling
             when that is ``mixed_float16``.
+
+    There is no L2 ``weight_decay`` option: the optimizer's ``weight_decay``
+    is decoupled decay, and an L2 penalty in the loss (``kernel_regularizer``)
+    reaches the gradient before centralization, as in the reference ``SGD_GC``.
 
     Raises:
         TypeError: ``model`` is not a Keras model.
@@ -133,32 +123,43 @@ class GradientWrapperModel(keras.Model):
     ):
         if not isinstance(model, keras.Model):
             raise TypeError(f"`model` must be a keras.Model. Received: model={model!r} of type {type(model).__name__}")
-        gradient_ops = GradientOps(
-            global_clipnorm=global_clipnorm, clipnorm=clipnorm, clipvalue=clipvalue,
-            adaptive_clipping=adaptive_clipping, adaptive_clipping_eps=adaptive_clipping_eps,
-            centralize=centralize, conv_only=conv_only, fan_in_axes=fan_in_axes,
-        )
-        if not isinstance(skip_nonfinite, bool):
-            raise ValueError(f"`skip_nonfinite` must be a bool. Received: skip_nonfinite={skip_nonfinite!r}")
-        _check_max_consecutive_skips(max_consecutive_skips, skip_nonfinite)
+        clipping = clipping_from_options(global_clipnorm, clipnorm, clipvalue, adaptive_clipping,
+                                         adaptive_clipping_eps)
+        chain = GradientChain(clipping, centralize=centralize, conv_only=conv_only, fan_in_axes=fan_in_axes)
+        check_bool(skip_nonfinite, "skip_nonfinite")
+        max_consecutive_skips = check_max_consecutive_skips(max_consecutive_skips, skip_nonfinite)
         layer_names = _layer_norm_names(model, layer_norms)
         kwargs.setdefault("dtype", model.dtype_policy)
         super().__init__(**kwargs)
         self.model = model
-        self.gradient_ops = gradient_ops
+        self.gradient_chain = chain
         self.skip_nonfinite = skip_nonfinite
-        self.max_consecutive_skips = max_consecutive_skips
         self.layer_norms = layer_names
-        self._grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
-        self._clipped_fraction_tracker = (
-            keras.metrics.Mean(name="clipped_fraction") if gradient_ops.clips else None
+        self._telemetry = Telemetry(
+            clips=clipping.option is not None, global_threshold=clipping.option == "global_clipnorm",
+            skips=skip_nonfinite, layer_names=layer_names,
         )
-        self._skipped_steps_tracker = keras.metrics.Sum(name="skipped_steps") if skip_nonfinite else None
-        self._layer_norm_trackers = [keras.metrics.Mean(name=f"grad_norm/{n}") for n in layer_names]
-        self._skip_counter = _SkipCounter()
+        self._telemetry_metrics = self._telemetry.metrics
+        self._skip_limit = SkipLimit(max_consecutive_skips)
         self._gradient_probe = None
+        self._positions = None
+        chain.clipping.build(self._add_state)
         if model.built:
             self.built = True
+
+    def _add_state(self, name, shape, dtype, initializer):
+        return self.add_weight(name=name, shape=shape, dtype=dtype, initializer=initializer, trainable=False)
+
+    @property
+    def max_consecutive_skips(self):
+        return self._skip_limit.limit
+
+    def exclude_from_centralization(self, var_list=None, var_names=None):
+        """Never centralize these variables (by variable, or by ``re.search`` on the name); before training.
+
+        See :meth:`keras_gradops.pipeline.chain.GradientChain.exclude_from_centralization`.
+        """
+        self.gradient_chain.exclude_from_centralization(var_list, var_names)
 
     # -- inference: the wrapped model ------------------------------------------------
 
@@ -176,7 +177,7 @@ class GradientWrapperModel(keras.Model):
         was never called (e.g. just loaded from ``.keras``) can be exported.
         """
         if input_signature is None:
-            input_signature = export_utils.get_input_signature(self.model)
+            input_signature = keras_internals.input_signature(self.model)
         return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
 
     # -- the gradient source ------------------------------------------------------
@@ -216,13 +217,9 @@ class GradientWrapperModel(keras.Model):
         loss, y_pred, gradients = self.compute_gradients(x, y, sample_weight)
         self._build_optimizer()  # once a first call has built the wrapped model
         self._track_loss(loss, x)
-        variables = self.trainable_variables
-        gradients = replicas.sum_over_replicas(gradients)
-        applied, norm, clipped = self.gradient_ops.apply(gradients, variables, read_fan_in_axes(self.model))
-        finite = tf.math.is_finite(norm)
-        self._apply_gradients(applied, variables, finite)
-        self._update_telemetry(gradients, applied, norm, clipped, finite)
-        return self.compute_metrics(x, y, y_pred, sample_weight)
+        self._apply_gradients(gradients)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight)
+        return multi_worker.reducible_logs(logs, self.distribute_strategy)
 
     def _build_optimizer(self):
         """Builds the optimizer once the model is, before its first traced use.
@@ -236,105 +233,102 @@ class GradientWrapperModel(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def _track_loss(self, loss, x):
-        if self._loss_tracker is None:
+        tracker = keras_internals.loss_tracker(self)
+        if tracker is None:
             return
         batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
         replicas_in_sync = tf.distribute.get_strategy().num_replicas_in_sync
-        self._loss_tracker.update_state(loss * tf.cast(replicas_in_sync, loss.dtype), sample_weight=batch_size)
+        tracker.update_state(loss * tf.cast(replicas_in_sync, loss.dtype), sample_weight=batch_size)
 
-    def _apply_gradients(self, gradients, variables, finite):
-        """``optimizer.apply`` of the aggregated gradient, guarded when asked or loss-scaled."""
+    def _apply_gradients(self, gradients):
+        """``optimizer.apply`` of this replica's gradient, guarded when asked or loss-scaled.
+
+        The optimizer sums the replicas' gradients and then calls
+        :meth:`_on_aggregated_gradients` (installed in :meth:`make_train_function`).
+        """
         optimizer = loss_scaling.updating_optimizer(self.optimizer)
+        variables = self.trainable_variables
 
         def apply(gradients):
-            with loss_scaling.applying_unscaled(optimizer):
-                optimizer.apply(gradients, variables)
+            optimizer.apply(gradients, variables)
             loss_scaling.after_finite_step(self.optimizer)
 
-        def skip():
-            loss_scaling.after_nonfinite_step(self.optimizer)
-
-        gradients = replicas.first_replica_only(gradients)
-        if self.skip_nonfinite or optimizer is not self.optimizer:
-            replicas.run_if(finite, apply, skip, args=(gradients,))
-        else:
+        gradients = loss_scaling.for_apply(gradients, optimizer)
+        if not (self.skip_nonfinite or optimizer is not self.optimizer):
             apply(gradients)
+            return
+        applied = guard.apply_if_finite(apply, gradients, lambda: loss_scaling.after_nonfinite_step(self.optimizer))
+        self._telemetry.record_skip(applied)
         if self.skip_nonfinite:
-            consecutive = self._skip_counter.consecutive
-            consecutive.assign(tf.where(finite, tf.constant(0, tf.int64), consecutive + 1))
+            self._skip_limit.record(applied)
 
-    def _update_telemetry(self, gradients, applied, norm, clipped, finite):
-        weight = tf.cast(finite, "float32") if self.skip_nonfinite else None
-
-        def mean_over_steps(tracker, value):
-            value = tf.cast(value, "float32")
-            if weight is not None:
-                value = tf.where(finite, value, 0.0)  # NaN * 0 would poison the mean
-            tracker.update_state(value, sample_weight=weight)
-
-        mean_over_steps(self._grad_norm_tracker, norm)
-        if self._clipped_fraction_tracker is not None:
-            mean_over_steps(self._clipped_fraction_tracker, clipped)
-        if self._skipped_steps_tracker is not None:
-            counted_once = tf.logical_and(tf.logical_not(finite), replicas.is_first_replica())
-            self._skipped_steps_tracker.update_state(tf.cast(counted_once, "float32"))
-        if self._layer_norm_trackers:
-            groups = variable_groups(resolve_layers(self.model, list(self.layer_norms)), self.trainable_variables)
-            for tracker, layer_norm in zip(self._layer_norm_trackers, group_norms(gradients, groups)):
-                mean_over_steps(tracker, layer_norm)
+    def _on_aggregated_gradients(self, gradients, variables):
+        """The gradient chain and telemetry on the gradient the optimizer has summed over replicas."""
+        if self._positions is None:
+            self._positions = {id(v.value): i for i, v in enumerate(self.trainable_variables)}
+            self.gradient_chain.build(self.trainable_variables, model=self.model)
+        indices = [self._positions[id(v)] for v in variables]
+        applied, statistics = self.gradient_chain(gradients, variables, indices)
+        raw = [None] * len(self._positions)
+        for gradient, index in zip(gradients, indices):
+            raw[index] = gradient
+        layers = resolve_layers(self.model, list(self.layer_norms)) if self.layer_norms else []
+        self._telemetry.record_step(statistics, raw, variable_groups(layers, self.trainable_variables))
         probe = self._gradient_probe
         if probe is not None:
             groups = variable_groups(resolve_layers(self.model, list(probe.layer_names)), self.trainable_variables)
-            probe.record(applied if probe.stage == "applied" else gradients, groups)
+            if probe.stage == "applied":
+                raw = [None] * len(raw)
+                for gradient, index in zip(applied, indices):
+                    raw[index] = gradient
+            probe.record(raw, groups)
+        return applied
 
     @property
     def _telemetry_names(self):
-        trackers = [self._grad_norm_tracker, self._clipped_fraction_tracker, self._skipped_steps_tracker]
-        return {t.name for t in trackers + self._layer_norm_trackers if t is not None}
+        return self._telemetry.names
 
     def test_step(self, data):
         logs = super().test_step(data)
-        return {name: value for name, value in logs.items() if name not in self._telemetry_names}
+        logs = {name: value for name, value in logs.items() if name not in self._telemetry_names}
+        return multi_worker.reducible_logs(logs, self.distribute_strategy)
 
     # -- the train function and the skip limit ----------------------------------------------------
 
-    def _check_optimizer_clipping(self):
+    def _check_optimizer(self):
         optimizer = loss_scaling.updating_optimizer(self.optimizer)
-        own = [f"{n}={getattr(optimizer, n)}" for n in _OPTIMIZER_CLIPPING if getattr(optimizer, n, None)]
-        if own and self.gradient_ops.clips:
+        own = [f"{n}={getattr(optimizer, n)}" for n in CLIPPING_OPTIONS if getattr(optimizer, n, None)]
+        if own and self.gradient_chain.clipping.option is not None:
             raise ValueError(
                 f"Both the optimizer ({', '.join(own)}) and {type(self).__name__} clip the gradient. "
                 "Set clipping on the wrapper only: it clips the aggregated gradient."
+            )
+        if own and not hasattr(optimizer, "transform_aggregated_gradients"):
+            raise ValueError(
+                f"The optimizer clips the gradient ({', '.join(own)}): Keras clips each replica's gradient "
+                f"before summing them. Set the clipping on {type(self).__name__} instead "
+                f"(e.g. {type(self).__name__}(model, {own[0]})): it clips the aggregated gradient."
             )
 
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
-        self._check_optimizer_clipping()
+        self._check_optimizer()
+        keras_internals.install_aggregation_hook(
+            loss_scaling.updating_optimizer(self.optimizer), self._on_aggregated_gradients, owner=self,
+        )
         super().make_train_function(force=force)
         if self.max_consecutive_skips is not None:
             step = self.train_function
 
             def step_then_check(iterator):
                 logs = step(iterator)
-                self._stop_after_consecutive_skips()
+                if self._skip_limit.reached(self):
+                    self.stop_training = True
                 return logs
 
             self.train_function = step_then_check
         return self.train_function
-
-    def _stop_after_consecutive_skips(self):
-        count = int(self._skip_counter.consecutive.numpy())
-        if count >= self.max_consecutive_skips:
-            self.stop_training = True
-            warnings.warn(
-                f"{type(self).__name__}: training stopped after {count} consecutive steps with "
-                f"non-finite (NaN/Inf) gradients were skipped (max_consecutive_skips="
-                f"{self.max_consecutive_skips}). Check the data for NaN/Inf, lower the learning "
-                "rate or clip the gradients.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
 
     # -- per-step gradient statistics for callbacks --------------------------------------------
 
@@ -368,7 +362,7 @@ class GradientWrapperModel(keras.Model):
             "name": self.name,
             "trainable": self.trainable,
             "model": keras.saving.serialize_keras_object(self.model),
-            **self.gradient_ops.get_config(),
+            **self.gradient_chain.config(),
             "skip_nonfinite": self.skip_nonfinite,
             "max_consecutive_skips": self.max_consecutive_skips,
             "layer_norms": list(self.layer_norms) or None,

@@ -10,7 +10,8 @@
 import keras
 import tensorflow as tf
 
-from keras_gradops.training import loss_scaling, replicas
+from keras_gradops import replicas
+from keras_gradops.training import loss_scaling
 from keras_gradops.training.guessed import methods as m
 from keras_gradops.training.guessed.diagnostics import cosine_similarity
 from keras_gradops.training.guessed.estimator import GradientGuesser

@@ -1,0 +1,255 @@
+"""Every private Keras and TensorFlow API this package uses, in one module.
+
+Keras 3 has no public point between the cross-replica all-reduce of the
+gradient and the per-variable updates of ``optimizer.apply``: Keras' TF
+optimizer sums the replicas' gradients in ``_all_reduce_sum_gradients``
+(called by ``_backend_update_step``) and its ``apply`` cannot run in
+cross-replica context (``maybe_merge_call`` then fails on CPU and multi-worker
+strategies). Clipping or checking the *aggregated* gradient with exactly one
+all-reduce therefore needs that private method. It is used in one way only:
+:func:`aggregation_hook` runs a function on its result.
+
+Whether Keras still calls the hook, and still updates with what it returns,
+is checked by :func:`check_aggregation_hook` with a probe optimizer when an
+optimizer of this package is built or a wrapper model makes its train
+function; if Keras has moved the call, it raises :class:`KerasHookError`
+naming the versions this package is tested with, instead of silently
+training without the gradient ops.
+
+The other private uses, each a read of state Keras' own subclasses read:
+
+- ``Optimizer._get_variable_index`` and ``Optimizer._use_weight_decay``
+  (called by Keras' own ``update_step``/weight decay code);
+- ``Optimizer._clip_gradients``, overridden to a no-op by
+  :class:`AggregatedGradientOptimizerMixin` (Keras would clip each replica's
+  gradient before the all-reduce);
+- ``Trainer._loss_tracker``, the metric Keras' own ``train_step`` updates;
+- ``Trainer._initial_epoch``, which ``fit`` reads after ``on_train_begin``
+  to resume (the way Keras' own ``BackupAndRestore`` resumes);
+- ``Trainer._maybe_symbolic_build``: under ``MultiWorkerMirroredStrategy`` it
+  reduces a per-replica data batch eagerly and fails (keras-team/keras#20585);
+  :func:`first_local_batch` gives it this worker's first replica's batch;
+- ``Layer._flatten_layers`` (every sub-layer, recursively), and
+  ``KerasTensor._keras_history`` / ``Operation._inbound_nodes`` (the layer
+  graph of a functional model);
+- ``keras.src.export.export_utils.get_input_signature``;
+- ``tf.__internal__.distribute.strategy_supports_no_merge_call``.
+"""
+
+import threading
+import weakref
+
+import keras
+import tensorflow as tf
+
+TESTED_KERAS_VERSIONS = ("3.12.0", "3.15.1")
+"""The oldest and newest Keras versions the test suite runs against."""
+
+
+class KerasHookError(RuntimeError):
+    """Keras no longer calls a private hook this package depends on."""
+
+
+# -- the aggregated gradient ---------------------------------------------------------------
+
+
+def aggregation_hook(method, transform):
+    """``_all_reduce_sum_gradients`` that runs ``transform`` on Keras' result.
+
+    Args:
+        method: the optimizer's bound ``_all_reduce_sum_gradients`` to wrap.
+        transform: ``(gradients, variables) -> gradients`` on the gradient
+            summed over replicas (``None``-free lists, the variables as Keras
+            passes them: ``tf.Variable``s).
+
+    Returns:
+        A function with the signature of ``_all_reduce_sum_gradients``.
+    """
+
+    def all_reduce_sum_then_transform(grads_and_vars):
+        reduced = list(method(grads_and_vars))
+        gradients = transform([g for g, _ in reduced], [v for _, v in reduced])
+        return list(zip(gradients, [v for _, v in reduced]))
+
+    return all_reduce_sum_then_transform
+
+
+def install_aggregation_hook(optimizer, transform, owner):
+    """Makes ``optimizer.apply`` run ``transform`` on the gradient summed over replicas.
+
+    For a wrapper model's optimizer, which may be any Keras optimizer. The
+    hook is set on that optimizer instance (its class's own method, which
+    may be a hook of this package's optimizers, runs first); nothing global
+    changes. The same ``owner`` installing it again replaces the transform.
+
+    Raises:
+        ValueError: another model's hook is on ``optimizer`` (an optimizer
+            instance serves one model).
+        KerasHookError: see :func:`check_aggregation_hook`.
+    """
+    check_aggregation_hook()
+    current = getattr(optimizer, "_keras_gradops_owner", None)
+    if current is not None and current() is not None and current() is not owner:
+        raise ValueError(
+            f"The optimizer {optimizer.name!r} already trains model {current().name!r}; "
+            f"{owner.name!r} needs an optimizer of its own."
+        )
+    optimizer._keras_gradops_owner = weakref.ref(owner)
+    method = type(optimizer)._all_reduce_sum_gradients.__get__(optimizer)
+    optimizer._all_reduce_sum_gradients = aggregation_hook(method, transform)
+
+
+class AggregatedGradientOptimizerMixin:
+    """Routes Keras' aggregated gradient to ``self.transform_aggregated_gradients``.
+
+    Mixed into the optimizer classes of this package. Keras' own clipping is
+    turned off: it would clip each replica's gradient before the all-reduce;
+    the subclass clips the aggregated one.
+    """
+
+    def transform_aggregated_gradients(self, gradients, variables):
+        raise NotImplementedError
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        method = super()._all_reduce_sum_gradients
+        return aggregation_hook(method, self.transform_aggregated_gradients)(grads_and_vars)
+
+    def _clip_gradients(self, grads):
+        return grads
+
+
+_hook_checked = []
+
+
+def check_aggregation_hook(force=False):
+    """Raises :class:`KerasHookError` unless Keras' ``apply`` still goes through the hook.
+
+    A probe SGD optimizer, with the hook doubling the gradient, updates one
+    variable eagerly: the update must be ``-2 * lr * g``. The result is kept
+    for the process (``force=True`` probes again).
+    """
+    if force or not _hook_checked:
+        _hook_checked[:] = [_probe_aggregation_hook()]
+    problem = _hook_checked[0]
+    if problem:
+        raise KerasHookError(
+            f"keras_gradops cannot reach the aggregated gradient in Keras {keras.__version__}: {problem}. "
+            "Its clipping and gradient checks would silently not run, so it stops here. "
+            f"It is tested with Keras {' and '.join(TESTED_KERAS_VERSIONS)}; install one of those "
+            "(`pip install 'keras==3.15.1'`)."
+        )
+
+
+def _probe_aggregation_hook():
+    """Runs the probe in a thread of its own: eager, outside any strategy scope or trace."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(_probe_in_this_thread()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def _probe_in_this_thread():
+    calls = []
+
+    def double(gradients, variables):
+        calls.append(len(gradients))
+        return [2.0 * g for g in gradients]
+
+    try:
+        variable = keras.Variable(1.0, name="probe")
+        probe = keras.optimizers.SGD(learning_rate=0.25)
+        probe._all_reduce_sum_gradients = aggregation_hook(
+            type(probe)._all_reduce_sum_gradients.__get__(probe), double
+        )
+        probe.apply([tf.constant(1.0)], [variable])
+        value = float(variable.numpy())
+    except Exception as error:  # noqa: BLE001 - any failure means the hook moved
+        return f"a probe optimizer failed: {type(error).__name__}: {error}"
+    if not calls:
+        return "`Optimizer.apply` no longer calls `_all_reduce_sum_gradients`"
+    if abs(value - 0.5) > 1e-6:
+        return f"`Optimizer.apply` ignores what `_all_reduce_sum_gradients` returns (probe weight {value}, expected 0.5)"
+    return None
+
+
+# -- optimizer state Keras' own subclasses read --------------------------------------------
+
+
+def variable_index(optimizer, variable):
+    """The position of ``variable`` in the list ``optimizer`` was built with."""
+    return optimizer._get_variable_index(variable)
+
+
+def uses_weight_decay(optimizer, variable):
+    """Whether ``optimizer.exclude_from_weight_decay`` leaves ``variable`` decayed."""
+    return optimizer._use_weight_decay(variable)
+
+
+# -- trainer and model internals -----------------------------------------------------------
+
+
+def loss_tracker(model):
+    """The ``loss`` metric Keras' own ``train_step`` updates, or ``None`` (not compiled with a loss)."""
+    return model._loss_tracker
+
+
+def set_initial_epoch(model, epoch):
+    """Makes the running ``fit`` start at ``epoch`` (as Keras' ``BackupAndRestore`` does), from ``on_train_begin``."""
+    model._initial_epoch = epoch
+
+
+def first_local_batch(batch, strategy):
+    """``batch`` with each distributed value replaced by this worker's first replica's value."""
+
+    def first(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    return tf.nest.map_structure(first, batch)
+
+
+class MultiWorkerSymbolicBuildMixin:
+    """Lets ``fit``/``evaluate`` build a model under ``MultiWorkerMirroredStrategy``.
+
+    Keras' ``_maybe_symbolic_build`` reduces the first per-replica batch with
+    ``strategy.reduce`` in eager mode, which fails across workers
+    (keras-team/keras#20585). The batch only gives shapes for building, so
+    this worker's first replica's batch serves as well.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if iterator is not None and data_batch is None:
+            for _, _, epoch_iterator in iterator:
+                data_batch = first_local_batch(next(epoch_iterator), self.distribute_strategy)
+                break
+        return super()._maybe_symbolic_build(data_batch=data_batch)
+
+
+def all_layers(model, include_self=False):
+    """Every layer of ``model``, nested ones included."""
+    return list(model._flatten_layers(include_self=include_self, recursive=True))
+
+
+def producing_layer(tensor):
+    """``(layer, node_index)`` of the layer call that produced a functional model's tensor."""
+    layer, node_index, _ = tensor._keras_history
+    return layer, node_index
+
+
+def node_inputs(layer, node_index):
+    """The input tensors of one call (node) of ``layer`` in a functional model."""
+    return layer._inbound_nodes[node_index].input_tensors
+
+
+def input_signature(model):
+    """The input signature Keras' ``export`` would use for ``model``."""
+    from keras.src.export import export_utils
+
+    return export_utils.get_input_signature(model)
+
+
+def strategy_supports_no_merge_call():
+    """Whether the current strategy runs optimizer updates without ``merge_call``."""
+    return tf.__internal__.distribute.strategy_supports_no_merge_call()
