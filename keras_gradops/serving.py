@@ -59,7 +59,8 @@ def export_for_serving(model, base_dir, name=None, version=None):
     Raises:
         TypeError: ``model`` is not a Keras model, or ``version`` not an int.
         ValueError: an unbuilt or subclassed model, an invalid ``name`` or
-            signature name, a non-positive ``version``, or one that exists.
+            signature name, a non-positive ``version``, or one that exists,
+            or a file where a directory belongs.
 
     Example:
         >>> import tempfile
@@ -76,6 +77,12 @@ def export_for_serving(model, base_dir, name=None, version=None):
             "`name` must be a TF Serving model name: letters, digits, '_', '.', '-', "
             f"starting with a letter or digit. Received: name={name!r}"
         )
+    for directory in (os.fspath(base_dir), os.path.join(os.fspath(base_dir), name)):
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(
+                f"`base_dir` must be a directory (made if missing) that holds one directory per model; "
+                f"{directory!r} is a file. Received: base_dir={base_dir!r}"
+            )
     model_dir = os.path.join(os.fspath(base_dir), name)
     version = _next_version(model_dir) if version is None else _checked_version(version, model_dir)
     path = os.path.join(model_dir, str(version))

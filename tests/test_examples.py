@@ -312,3 +312,30 @@ def test_guessing_gradients_cifar10_quick(tmp_path):
     # activations' span and aligns far better (Singhal et al.).
     assert abs(results["directional_descent"]["cosine"][-1]) < 0.02
     assert results["weight_transpose"]["cosine"][-1] > 0.1
+
+
+def test_multi_worker_two_processes_end_with_the_same_weights(tmp_path):
+    import hashlib
+
+    import multi_worker
+
+    result_dir = tmp_path / "results"
+    status = multi_worker.main(["--workers", "2", "--quick", "--out-dir", str(tmp_path / "runs"),
+                                "--result-dir", str(result_dir), "--timeout", "300"])
+    assert status == 0
+    weights = []
+    for task in range(2):
+        with np.load(result_dir / f"worker{task}.weights.npz") as saved:
+            weights.append([saved[f"arr_{i}"] for i in range(len(saved.files))])
+        reported = json.loads((result_dir / f"worker{task}.json").read_text())
+        digest = hashlib.sha256(b"".join(w.tobytes() for w in weights[task])).hexdigest()
+        assert reported["weights sha256"] == digest[:16]
+        # The saved weights, in a fresh network here, score the reported test accuracy.
+        _, (x_test, y_test) = data.load_digits(seed=0)
+        keep = len(x_test) - len(x_test) % 64  # the example evaluates whole global batches
+        net = multi_worker.build_net(64, seed=0)
+        net.set_weights(weights[task])
+        accuracy = np.mean(np.argmax(net.predict(x_test[:keep], verbose=0), axis=1) == y_test[:keep])
+        assert accuracy == pytest.approx(reported["test accuracy"], abs=1e-6)
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)

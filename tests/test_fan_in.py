@@ -52,6 +52,9 @@ CASES = {
     # (h, w, out, in): a filter's incoming weights span h, w and in.
     "Conv2DTranspose": (lambda: _model((4, 4, 2), L.Conv2DTranspose(3, 3)), (4, 4, 2),
                         {"kernel": (0, 1, 3), "bias": None}),
+    # A name that does not say which layer it is: only the layer object tells.
+    "Conv2DTranspose named 'up'": (lambda: _model((4, 4, 2), L.Conv2DTranspose(3, 3, name="up")), (4, 4, 2),
+                                   {"kernel": (0, 1, 3), "bias": None}),
     # (h, w, in, multiplier): each (in, multiplier) channel sees only its h x w window.
     "DepthwiseConv2D": (lambda: _model((5, 5, 2), L.DepthwiseConv2D(3, depth_multiplier=2)), (5, 5, 2),
                         {"kernel": (0, 1), "bias": None}),
@@ -108,13 +111,15 @@ def _gradients_and_update(model, optimizer, x):
 
 
 def _make(kind, model):
-    mapping = kgo.fan_in_axes(model)
-    if kind == "SGDGC":
+    """``kind``: the optimizer, and whether it is given the mapping or finds the layers itself."""
+    mapping = None if kind.endswith("unmapped") else kgo.fan_in_axes(model)
+    if kind.startswith("SGDGC"):
         return kgo.SGDGC(learning_rate=1.0, fan_in_axes=mapping)
     return kgo.with_gradient_centralization(keras.optimizers.SGD(learning_rate=1.0), fan_in_axes=mapping)
 
 
-@pytest.mark.parametrize("kind", ["SGDGC", "with_gradient_centralization"])
+@pytest.mark.parametrize("kind", ["SGDGC", "SGDGC unmapped", "with_gradient_centralization",
+                                  "with_gradient_centralization unmapped"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_update_is_minus_the_centralized_gradient(case, kind):
     factory, shape, rules = CASES[case]

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import keras_gradops as kgo
+from keras_gradops import reductions
 
 RNG = np.random.default_rng(1)
 
@@ -144,3 +145,34 @@ def test_mixed_precision_overflow_skips_and_halves_the_loss_scale(mixed_float16)
     assert float(model.optimizer.dynamic_scale.numpy()) == 2.0**14
     for b, v in zip(before, model.trainable_variables):
         np.testing.assert_array_equal(v.numpy(), b)
+
+
+# ---------------------------------------------------------------- one all-reduce per step
+
+
+def _reductions(strategy, model):
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="mse", jit_compile=False)
+    model.optimizer.build(model.trainable_variables)
+    model.make_train_function()  # the wrapper installs its chain on the optimizer's all-reduce here
+    spec = (tf.TensorSpec((None, 4), tf.float32), tf.TensorSpec((None, 3), tf.float32))
+    return reductions.train_step_reductions(model, spec)
+
+
+def test_one_all_reduce_of_the_gradient_per_step_as_plain_keras(two_replica_strategy):
+    with two_replica_strategy.scope():
+        keras_step = _reductions(two_replica_strategy, dense_net())
+        wrapper_step = _reductions(two_replica_strategy, kgo.GradientOpsModel(dense_net(), **OPTIONS))
+    gradient_bytes = sum(int(np.prod(v.shape)) * 4 for v in dense_net().trainable_variables)
+    assert keras_step["values"] == 4 and sum(keras_step["bytes"]) == gradient_bytes
+    # skip_nonfinite adds one float32: the replicas agree whether to skip before the all-reduce.
+    assert wrapper_step["values"] == keras_step["values"] + 1
+    assert wrapper_step["bytes"] == keras_step["bytes"] + [4]
+
+
+def test_jit_compile_with_replicas_on_cpu_is_refused_with_the_reason(two_replica_strategy):
+    x, y = data(8)
+    with two_replica_strategy.scope():
+        model = wrapped(dense_net(), dense_net().get_weights(), keras.optimizers.SGD(0.1))
+    model.jit_compile = True
+    with pytest.raises(ValueError, match="jit_compile=False.*|Collectives are not yet implemented"):
+        model.fit(x, y, batch_size=8, verbose=0)

@@ -437,10 +437,23 @@ def test_without_skip_nonfinite_a_nan_reaches_the_weights():
     (kgo.SGDGC, {"fan_in_axes": [0]}, "fan_in_axes"),
     (kgo.SGDGC, {"fan_in_axes": {"dense/kernel": (-1,)}}, "fan_in_axes"),
     (kgo.SGDGC, {"centralization": "update"}, "centralization"),
+    (kgo.SGDGC, {"learning_rate": float("inf")}, "learning_rate"),
+    (kgo.SGDGC, {"learning_rate": float("nan")}, "learning_rate"),
+    (kgo.SGDGC, {"global_clipnorm": float("inf")}, "global_clipnorm"),
+    (kgo.SGDGC, {"adaptive_clipping": 0.0}, "adaptive_clipping"),
+    (kgo.SGDGC, {"adaptive_clipping": 0.01, "clipvalue": 1.0}, "adaptive_clipping"),
+    (kgo.SGDGC, {"skip_nonfinite": True, "use_ema": True}, "use_ema"),
 ])
 def test_bad_input_raises_value_error_naming_the_argument(cls, kwargs, name):
     with pytest.raises(ValueError, match=name):
         cls(**kwargs)
+
+
+def test_mapped_axes_beyond_the_rank_raise_when_the_optimizer_is_built():
+    kernel = keras.Variable(np.ones((3, 2), np.float32), name="kernel")
+    optimizer = kgo.SGDGC(learning_rate=0.1, fan_in_axes={kernel.path: (5,)})
+    with pytest.raises(ValueError, match="fan_in_axes.*beyond its rank 2"):
+        optimizer.build([kernel])
 
 
 # ---------------------------------------------------------------- docstring examples

@@ -87,6 +87,17 @@ def test_bad_arguments(tmp_path, trained, kwargs, error, match):
     assert os.listdir(tmp_path / "m") == ["1"]
 
 
+def test_a_file_where_the_base_directory_belongs(tmp_path, trained):
+    model, _, _ = trained
+    not_a_directory = tmp_path / "notes.txt"
+    not_a_directory.write_text("")
+    with pytest.raises(ValueError, match="base_dir.*is a file"):
+        export_for_serving(model, not_a_directory, name="m")
+    (tmp_path / "m").write_text("")
+    with pytest.raises(ValueError, match="base_dir.*is a file"):
+        export_for_serving(model, tmp_path, name="m")
+
+
 class _Subclassed(keras.Model):
     def __init__(self, inner=None):
         super().__init__()

@@ -295,6 +295,18 @@ class GradientWrapperModel(keras_internals.MultiWorkerSymbolicBuildMixin, keras.
 
     # -- the train function and the skip limit ----------------------------------------------------
 
+    def _check_jit_compile(self):
+        strategy = self.distribute_strategy
+        if not self.jit_compile or strategy.num_replicas_in_sync == 1:
+            return
+        if all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in strategy.extended.worker_devices):
+            raise ValueError(
+                f"`jit_compile=True` with {strategy.num_replicas_in_sync} replicas on CPU: XLA cannot compile "
+                "the all-reduce between them on CPU devices (TensorFlow: 'Collectives are not yet implemented "
+                "for CPU devices when compiling with XLA', plain Keras steps included). Compile with "
+                "`jit_compile=False`, or leave the default, which Keras resolves to False under a strategy."
+            )
+
     def _check_optimizer(self):
         optimizer = loss_scaling.updating_optimizer(self.optimizer)
         own = [f"{n}={getattr(optimizer, n)}" for n in CLIPPING_OPTIONS if getattr(optimizer, n, None)]
@@ -313,6 +325,7 @@ class GradientWrapperModel(keras_internals.MultiWorkerSymbolicBuildMixin, keras.
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
+        self._check_jit_compile()
         self._check_optimizer()
         keras_internals.install_aggregation_hook(
             loss_scaling.updating_optimizer(self.optimizer), self._on_aggregated_gradients, owner=self,
