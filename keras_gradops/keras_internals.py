@@ -42,8 +42,8 @@ import weakref
 import keras
 import tensorflow as tf
 
-TESTED_KERAS_VERSIONS = ("3.12.0", "3.15.1")
-"""The oldest and newest Keras versions the test suite runs against."""
+TESTED_KERAS = "3.15"
+"""The Keras release line the test suite runs against (``pyproject.toml`` allows no other)."""
 
 
 class KerasHookError(RuntimeError):
@@ -135,8 +135,7 @@ def check_aggregation_hook(force=False):
         raise KerasHookError(
             f"keras_gradops cannot reach the aggregated gradient in Keras {keras.__version__}: {problem}. "
             "Its clipping and gradient checks would silently not run, so it stops here. "
-            f"It is tested with Keras {' and '.join(TESTED_KERAS_VERSIONS)}; install one of those "
-            "(`pip install 'keras==3.15.1'`)."
+            f"It is tested with Keras {TESTED_KERAS}.x: `pip install 'keras>={TESTED_KERAS},<3.16'`."
         )
 
 

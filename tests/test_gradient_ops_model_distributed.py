@@ -63,7 +63,7 @@ def test_mirrored_matches_single_device_on_the_same_global_batch(two_replica_str
 
 
 def test_keras_own_global_clipnorm_differs_on_these_batches(two_replica_strategy):
-    """The data above is sensitive: Keras clips each replica's gradient (DESIGN.md section 4)."""
+    """The data above is sensitive: Keras clips each replica's gradient before the all-reduce."""
     x, y = data(32)
     weights = dense_net().get_weights()
 

@@ -30,7 +30,7 @@ def test_the_probe_passes_on_this_keras():
 
 
 def test_a_moved_hook_stops_an_optimizer_at_build(moved_hook):
-    with pytest.raises(keras_internals.KerasHookError, match="_all_reduce_sum_gradients.*3.12.0 and 3.15.1"):
+    with pytest.raises(keras_internals.KerasHookError, match=r"_all_reduce_sum_gradients.*tested with Keras 3\.15"):
         keras_internals.check_aggregation_hook(force=True)
     optimizer = kgo.SGDGC(learning_rate=1.0, global_clipnorm=1.0)
     variable = keras.Variable(np.ones((2, 2), np.float32))

@@ -1,7 +1,8 @@
 """The GC optimizer family against an independent NumPy implementation.
 
-The reference below is written from DESIGN.md section 2 (the reference
-``SGD_GC``/``Adam_GC``/... table) and Keras' own update formulas, and shares
+The reference below is written from the GC paper's reference optimizers
+(Yong et al., ECCV 2020: ``SGD_GC``/``Adam_GC``/..., as README's table lists
+them) and Keras' own update formulas, and shares
 no code with the package. Each case runs several steps of
 ``optimizer.apply`` inside a ``tf.function`` on a Dense kernel, a Conv2D
 kernel and a bias at once.

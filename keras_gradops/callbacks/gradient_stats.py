@@ -11,7 +11,7 @@ extra); recording does not.
 
 import keras
 
-from keras_gradops.training.wrapper import GradientWrapperModel
+from keras_gradops.training.gradient_ops_model import GradientOpsModel
 
 STATS = (("l2_norm", "gradient L2 norm"), ("max_abs", "gradient max |g|"))
 
@@ -19,9 +19,8 @@ STATS = (("l2_norm", "gradient L2 norm"), ("max_abs", "gradient max |g|"))
 class GradientStatsRecorder(keras.callbacks.Callback):
     """Records each chosen layer's gradient L2 norm and max ``|g|`` during ``fit``.
 
-    Works with :class:`keras_gradops.GradientOpsModel` (and any
-    :class:`~keras_gradops.training.wrapper.GradientWrapperModel`): the train
-    step writes the last step's statistics of the gradient summed over
+    Works with :class:`keras_gradops.GradientOpsModel` (and ``GuessedGradientModel``):
+    the train step writes the last step's statistics of the gradient summed over
     replicas, the callback reads them every ``every_n_steps`` steps (with
     ``steps_per_execution > 1``, the last step of each execution).
 
@@ -58,7 +57,7 @@ class GradientStatsRecorder(keras.callbacks.Callback):
         self._probe = None
 
     def set_model(self, model):
-        if not isinstance(model, GradientWrapperModel):
+        if not isinstance(model, GradientOpsModel):
             raise TypeError(
                 "GradientStatsRecorder reads the gradient inside the train step of a "
                 "keras_gradops.GradientOpsModel; wrap the model: GradientOpsModel(model). "

@@ -13,6 +13,16 @@ Two separate questions, each answered in one place:
   (by variable, or by a regular expression searched in the name, as Keras'
   ``exclude_from_weight_decay``). A unit with a single incoming weight is
   never centralized (it would zero its gradient).
+
+Example:
+    >>> kernel = keras.Variable(np.zeros((3, 3, 8, 16)), name="kernel")   # Conv2D (h, w, in, out)
+    >>> dense = keras.Variable(np.zeros((8, 4)), name="dense_kernel")
+    >>> selection = CentralizationSelection(conv_only=True)
+    >>> selection.axes(kernel, (0, 1, 2)), selection.axes(dense, (0,))
+    ((0, 1, 2), None)
+    >>> selection = CentralizationSelection()
+    >>> selection.exclude(var_names=["dense"])
+    >>> selection.axes(dense, (0,))
 """
 
 import math

@@ -21,7 +21,7 @@ Example:
     >>> g, stats = chain([tf.constant([[3.0, 0.0], [1.0, 0.0]]), tf.constant([0.0, 0.0])], w, [0, 1])
     >>> float(stats.norm), bool(stats.clipped)  # sqrt(3^2 + 1^2)
     (3.1622776985168457, True)
-    >>> np.round(g[0].numpy(), 4).tolist()  # clipped to norm 1, each column's mean removed
+    >>> [[round(float(v), 4) for v in row] for row in g[0].numpy()]  # clipped to norm 1, column means removed
     [[0.3162, 0.0], [-0.3162, 0.0]]
 """
 

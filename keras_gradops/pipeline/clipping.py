@@ -12,6 +12,18 @@ changed the gradient this step (the ``clipped_fraction`` telemetry):
 
 ``global_clipnorm`` also takes a threshold that adapts to the history of
 the norm (:mod:`keras_gradops.thresholds`), whose state lives in variables.
+
+Example:
+    >>> rule = clipping_from_options(global_clipnorm=1.0)
+    >>> g = [tf.constant([3.0, 0.0]), tf.constant([4.0])]
+    >>> norm = tf.constant(5.0)
+    >>> clipped, changed = rule(g, [None, None], [None, None], norm, rule.threshold(norm))
+    >>> [[round(float(v), 4) for v in c.numpy()] for c in clipped], bool(changed)
+    ([[0.6, 0.0], [0.8]], True)
+    >>> rule = clipping_from_options(clipvalue=0.5)
+    >>> clipped, changed = rule(g, [None, None], [None, None], norm, rule.threshold(norm))
+    >>> [c.numpy().tolist() for c in clipped], rule.threshold(norm)
+    ([[0.5, 0.0], [0.5]], None)
 """
 
 import tensorflow as tf

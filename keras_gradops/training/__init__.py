@@ -1,6 +1,5 @@
-"""Custom train steps that run the gradient chain, log gradient telemetry and skip bad steps."""
+"""Wrapper models whose train step runs the gradient chain, logs gradient telemetry and skips bad steps."""
 
-from keras_gradops.training.gradient_ops_model import GradientOpsModel
-from keras_gradops.training.wrapper import GradientWrapperModel
+from keras_gradops.training.gradient_ops_model import GradientOpsModel, GradientWrapperModel
 
 __all__ = ["GradientOpsModel", "GradientWrapperModel"]

@@ -18,11 +18,11 @@ from keras_gradops.training.guessed.estimator import GradientGuesser
 from keras_gradops.training.guessed.noise import as_seed, fold_in
 from keras_gradops.training.guessed.stack import LayerStack
 from keras_gradops.training.layer_groups import resolve_layers, variable_groups
-from keras_gradops.training.wrapper import GradientWrapperModel
+from keras_gradops.training.gradient_ops_model import GradientOpsModel
 
 
 @keras.saving.register_keras_serializable(package="keras_gradops")
-class GuessedGradientModel(GradientWrapperModel):
+class GuessedGradientModel(GradientOpsModel):
     """Trains a Keras model with guessed gradients: one forward-mode pass, no backward pass.
 
     Each step guesses ``dL/ds_l`` at every Dense/Conv2D pre-activation ``s_l``
@@ -50,7 +50,7 @@ class GuessedGradientModel(GradientWrapperModel):
     activation perturbation. Masks are the activation's Jacobian (``1[s > 0]``
     for ReLU). Train step, gradient ops, telemetry, ``predict``, ``evaluate``,
     saving and ``export`` are those of
-    :class:`~keras_gradops.training.wrapper.GradientWrapperModel`.
+    :class:`~keras_gradops.GradientOpsModel`.
 
     Args:
         model: a built Sequential or functional stack (see
@@ -77,7 +77,7 @@ class GuessedGradientModel(GradientWrapperModel):
             paper's ``N(0, 1)``) or ``"rademacher"`` (``+-1``, same mean and
             covariance, so the same expected guess; about 8 times cheaper to
             draw, see ``benchmarks/guessed_gradients.py``).
-        **kwargs: :class:`GradientWrapperModel` arguments (gradient ops, ...).
+        **kwargs: :class:`~keras_gradops.GradientOpsModel` arguments (gradient ops, ...).
 
     Raises:
         ValueError: an unknown method, ``num_guesses < 1``, a model that is not
