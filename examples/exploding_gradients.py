@@ -1,19 +1,25 @@
-"""Exploding gradients in a recurrent network, and what gradient clipping does about them.
+"""Exploding gradients in a recurrent network, and choosing the clipping threshold.
 
 The adding problem (Hochreiter & Schmidhuber 1997; Pascanu et al., ICML 2013):
 each example is a sequence of ``--sequence-length`` pairs (value ~ U(0, 1),
 marker); exactly two markers are 1, one in each half; the target is the sum of
 the two marked values. Predicting the mean scores MSE 1/6 ~ 0.167; solving it
 needs the network to carry information across ~length/2 steps. Per seed, one
-LSTM is trained three times from the same weights on the same batches with
-Adam at 150x its usual learning rate (0.15): without clipping, with value
-clipping and with global-norm clipping. The pre-clip global gradient norm of every step is read
-from the optimizer's ``grad_norm`` (``keras_gradops`` optimizers record
-it; ``with_gradient_centralization(..., conv_only=True)`` centralizes nothing
-in a recurrent network, so it is the plain Keras optimizer plus that record
-and clipping after the cross-replica sum).
+LSTM is trained from the same weights on the same batches with Adam at 150x
+its usual learning rate (0.15), once per clipping rule: none, value clipping,
+global-norm clipping at fixed thresholds over two orders of magnitude
+(``--clip-norms``, default 0.1, 1 and 10), and the adaptive thresholds
+``AutoClip()`` and ``ZClip()`` with their defaults (ZClip's reference default
+also caps the norm at 1.0, so it runs once more without that cap). The
+question: do the adaptive rules, untuned, match the best fixed threshold?
 
-    python examples/exploding_gradients.py           # ~2-3 minutes on 2 CPU cores (3 seeds)
+The pre-clip global norm and the threshold in force at every step are read
+from the optimizer's ``grad_norm`` and ``grad_clip_threshold``
+(``with_gradient_centralization(..., conv_only=True)`` centralizes nothing in
+a recurrent network: it is the Keras optimizer plus those records and
+clipping of the gradient summed over replicas).
+
+    python examples/exploding_gradients.py           # ~6 minutes on 2 CPU cores (3 seeds)
     python examples/exploding_gradients.py --quick   # a few seconds
 """
 
@@ -57,24 +63,28 @@ def build_model(cell, sequence_length, units):
 
 
 def clipping_settings(args):
-    return {
-        "no clipping": {},
-        f"value clipping ({args.clip_value})": {"clipvalue": args.clip_value},
-        f"global-norm clipping ({args.clip_norm})": {"global_clipnorm": args.clip_norm},
-    }
+    """``{name: optimizer clipping arguments}``; a callable value makes a fresh threshold per run."""
+    settings = {"no clipping": {}, f"value {args.clip_value:g}": {"clipvalue": args.clip_value}}
+    settings.update({f"global norm {c:g}": {"global_clipnorm": c} for c in args.clip_norms})
+    settings["AutoClip()"] = {"global_clipnorm": kgo.AutoClip}
+    settings["ZClip()"] = {"global_clipnorm": kgo.ZClip}
+    settings["ZClip(max_norm=None)"] = {"global_clipnorm": lambda: kgo.ZClip(max_norm=None)}
+    return settings
 
 
 def make_optimizer(args, clipping):
-    config = {"learning_rate": args.learning_rate, **clipping}
+    config = {"learning_rate": args.learning_rate,
+              **{name: value() if callable(value) else value for name, value in clipping.items()}}
     if args.momentum:
         config["momentum"] = args.momentum
-    base = keras.optimizers.get({"class_name": args.optimizer, "config": config})
+    base = type(keras.optimizers.get(args.optimizer))(**config)
     # conv_only=True: no LSTM/Dense kernel is centralized; the optimizer gains `grad_norm`.
     return kgo.with_gradient_centralization(base, conv_only=True)
 
 
 class GradientNormLog(keras.callbacks.Callback):
-    """Records the optimizer's pre-clip gradient norm every step and a validation MSE every ``every`` steps.
+    """Records the optimizer's pre-clip gradient norm and global-norm threshold (NaN if none) every step,
+    and a validation MSE every ``every`` steps.
 
     Stops training at the first non-finite loss (the weights are NaN from then on).
     """
@@ -82,11 +92,14 @@ class GradientNormLog(keras.callbacks.Callback):
     def __init__(self, validation, every):
         super().__init__()
         self.validation, self.every = validation, every
-        self.norms, self.eval_steps, self.eval_mse = [], [], []
+        self.norms, self.thresholds, self.eval_steps, self.eval_mse = [], [], [], []
         self.diverged_at = None
 
     def on_train_batch_end(self, batch, logs=None):
-        self.norms.append(float(self.model.optimizer.grad_norm.numpy()))
+        optimizer = self.model.optimizer
+        self.norms.append(float(optimizer.grad_norm.numpy()))
+        threshold = optimizer.grad_clip_threshold
+        self.thresholds.append(float("nan") if threshold is None else float(threshold.numpy()))
         step = len(self.norms)
         if not np.isfinite(logs["loss"]):
             self.diverged_at = step
@@ -120,27 +133,34 @@ def train(name, clipping, initial_weights, data, args, seed):
 
 
 def plot(logs, args):
-    figure, (norm_axes, mse_axes) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
-    for (name, log), color in zip(logs.items(), ("tab:red", "tab:blue", "tab:green")):
+    """Two figures for one seed: each rule's norm with its threshold drawn over it, and the validation MSE."""
+    rows = len(logs)
+    figure, axes = plt.subplots(rows, 1, figsize=(9, 1.6 * rows + 1), sharex=True, squeeze=False)
+    for ax, (name, log) in zip(axes[:, 0], logs.items()):
         steps = np.arange(1, len(log.norms) + 1)
-        norms = np.asarray(log.norms)
+        norms, thresholds = np.asarray(log.norms), np.asarray(log.thresholds)
         finite = np.isfinite(norms)
-        norm_axes.plot(steps[finite], norms[finite], color=color, linewidth=0.7, label=name)
-        mse_axes.plot(log.eval_steps, log.eval_mse, color=color, marker=".", label=name)
+        ax.plot(steps[finite], norms[finite], color="tab:blue", linewidth=0.6, label="pre-clip norm")
+        shown = np.isfinite(thresholds) & (thresholds < 1e30)
+        if shown.any():
+            ax.plot(steps[shown], thresholds[shown], color="tab:red", linewidth=0.9, label="threshold")
         if log.diverged_at is not None:
-            for axes in (norm_axes, mse_axes):
-                axes.axvline(log.diverged_at, color=color, linestyle=":")
-            norm_axes.annotate(f"loss NaN at step {log.diverged_at}", (log.diverged_at, np.nanmax(norms[finite])),
-                               color=color, xytext=(5, 0), textcoords="offset points")
-    norm_axes.axhline(args.clip_norm, color="gray", linestyle="--", linewidth=0.8, label="global clip norm")
-    norm_axes.set(yscale="log", ylabel="pre-clip global gradient norm",
-                  title=f"Adding problem, length {args.sequence_length}: {args.cell}({args.units}), "
-                        f"{args.optimizer} learning rate {args.learning_rate}, seed {args.seed}")
-    norm_axes.legend(fontsize=8)
-    mse_axes.axhline(BASELINE_MSE, color="gray", linestyle="--", linewidth=0.8, label="predict the mean (1/6)")
-    mse_axes.set(yscale="log", xlabel="training step", ylabel="validation MSE")
-    mse_axes.legend(fontsize=8)
-    return example_utils.save_figure(figure, args.out_dir, "gradient_norms.png")
+            ax.axvline(log.diverged_at, color="black", linestyle=":", label="loss NaN")
+        ax.set(yscale="log", ylabel="norm")
+        ax.set_title(name, fontsize=9, loc="left")
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("training step")
+    figure.suptitle(f"Adding problem, length {args.sequence_length}: {args.cell}({args.units}), "
+                    f"{args.optimizer} lr {args.learning_rate}, seed {args.seed}", fontsize=10)
+    norms_path = example_utils.save_figure(figure, args.out_dir, "gradient_norms.png")
+
+    figure, ax = plt.subplots(figsize=(9, 4))
+    for name, log in logs.items():
+        ax.plot(log.eval_steps, log.eval_mse, marker=".", linewidth=1, label=name)
+    ax.axhline(BASELINE_MSE, color="gray", linestyle="--", linewidth=0.8, label="predict the mean (1/6)")
+    ax.set(yscale="log", xlabel="training step", ylabel="validation MSE")
+    ax.legend(fontsize=7)
+    return norms_path, example_utils.save_figure(figure, args.out_dir, "validation_mse.png")
 
 
 def main(argv=None):
@@ -151,7 +171,8 @@ def main(argv=None):
     parser.add_argument("--optimizer", default="adam", help="a Keras optimizer name")
     parser.add_argument("--learning-rate", type=float, default=0.15)
     parser.add_argument("--momentum", type=float, default=0.0, help="for --optimizer sgd")
-    parser.add_argument("--clip-norm", type=float, default=1.0)
+    parser.add_argument("--clip-norms", type=float, nargs="+", default=[0.1, 1.0, 10.0],
+                        help="fixed global-norm thresholds to compare")
     parser.add_argument("--clip-value", type=float, default=0.1)
     parser.add_argument("--num-train", type=int, default=None, help="default 32000 (--quick: 640)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds; default 3 (--quick: 1)")
@@ -167,34 +188,42 @@ def main(argv=None):
     runs = {name: [] for name in clipping_settings(args)}
     for seed in range(args.seed, args.seed + args.seeds):
         rng = np.random.default_rng(seed)
-        data = adding_problem(args.num_train, args.sequence_length, rng), adding_problem(512, args.sequence_length, rng)
+        num_validation = 64 if args.quick else 512
+        data = (adding_problem(args.num_train, args.sequence_length, rng),
+                adding_problem(num_validation, args.sequence_length, rng))
         keras.utils.set_random_seed(seed)
         initial_weights = build_model(args.cell, args.sequence_length, args.units).get_weights()
         for name, clipping in clipping_settings(args).items():
             runs[name].append(train(f"{name}, seed {seed}", clipping, initial_weights, data, args, seed))
 
     headers = ["clipping", "final val MSE per seed", f"solved (MSE < {SOLVED_MSE})", "median grad norm",
-               "max grad norm", "steps > clip norm", "runs with NaN loss", "time per run (s)"]
+               "max grad norm", "steps clipped", "median threshold", "runs with NaN loss", "time per run (s)"]
     rows = [summary_row(name, seeds, args) for name, seeds in runs.items()]
     example_utils.print_results(
         f"Adding problem (length {args.sequence_length}, {args.num_train} examples x {args.epochs} epoch(s), "
         f"batch {args.batch_size}), {args.cell}({args.units}), {args.optimizer} lr {args.learning_rate}, "
         f"seeds {args.seed}..{args.seed + args.seeds - 1}; predicting the mean scores {BASELINE_MSE:.3f}:",
         headers, rows)
-    figure = plot({name: seeds[0][0] for name, seeds in runs.items()}, args)
-    return {"runs": runs, "rows": rows, "figure": figure}
+    figures = plot({name: seeds[0][0] for name, seeds in runs.items()}, args)
+    return {"runs": runs, "rows": rows, "figures": figures}
 
 
 def summary_row(name, seeds, args):
     logs = [log for log, _ in seeds]
     norms = np.concatenate([log.norms for log in logs])
+    thresholds = np.concatenate([log.thresholds for log in logs])
     finite = norms[np.isfinite(norms)]
     final = [log.eval_mse[-1] if log.diverged_at is None else float("nan") for log in logs]
+    global_norm_rule = np.isfinite(thresholds).any()
+    in_force = thresholds[np.isfinite(thresholds) & (thresholds < 1e30)]  # ZClip without a spike: none
     return [
         name, " / ".join(f"{mse:.4f}" for mse in final),
         f"{sum(mse < SOLVED_MSE for mse in final)}/{len(logs)}",
         f"{np.median(finite):.3g}", f"{np.max(finite):.3g}" if len(finite) == len(norms) else "inf/NaN",
-        f"{np.mean(norms > args.clip_norm):.0%}", f"{sum(log.diverged_at is not None for log in logs)}/{len(logs)}",
+        f"{np.mean(norms > thresholds):.0%}" if global_norm_rule else "-",
+        (f"{np.median(in_force):.3g} ({len(in_force) / len(thresholds):.0%} of steps)" if len(in_force)
+         else "none") if global_norm_rule else "-",
+        f"{sum(log.diverged_at is not None for log in logs)}/{len(logs)}",
         f"{np.mean([seconds for _, seconds in seeds]):.1f}",
     ]
 

@@ -89,3 +89,48 @@ def test_bad_arguments():
         model.watch_gradients(["nope"])
     with pytest.raises(ValueError, match="no trainable weights"):
         model.watch_gradients(["flatten"])
+
+
+# ---------------------------------------------------------------- TensorBoard
+
+
+def read_scalars(log_dir):
+    """``{tag: {step: value}}`` of every scalar in the event files under ``log_dir``, read back."""
+    import glob
+
+    scalars = {}
+    for path in glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
+                scalars.setdefault(value.tag, {})[event.step] = number
+    return scalars
+
+
+def test_telemetry_and_layer_statistics_reach_tensorboard_event_files(tmp_path):
+    x = RNG.normal(size=(24, 5, 5, 2)).astype("float32")
+    y = RNG.normal(size=(24, 2)).astype("float32")
+    x[9, 0, 0, 0] = np.nan  # one skipped step
+    model = kgo.GradientOpsModel(conv_net(), global_clipnorm=kgo.AutoClip(quantile=0.5, history=8),
+                                 skip_nonfinite=True, layer_norms=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    recorder = GradientStatsRecorder(["conv", "out"], stage="raw", log_dir=str(tmp_path / "gradients"))
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path / "board"))
+    history = model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0, callbacks=[board, recorder]).history
+
+    epochs = read_scalars(tmp_path / "board")
+    for name in ("loss", "grad_norm", "clipped_fraction", "clip_threshold", "skipped_steps",
+                 "grad_norm/conv", "grad_norm/out"):
+        logged = epochs[f"epoch_{name}"]
+        np.testing.assert_allclose([logged[e] for e in range(3)], history[name], rtol=1e-6, err_msg=name)
+    assert history["skipped_steps"] == [1.0, 1.0, 1.0]
+
+    steps = read_scalars(tmp_path / "gradients")
+    for layer in ("conv", "out"):
+        record = recorder.history[layer]
+        assert record["step"] == list(range(1, 19))
+        skipped = [s for s, v in zip(record["step"], record["l2_norm"]) if np.isnan(v)]
+        assert skipped == [3, 9, 15]  # the poisoned batch, once per epoch
+        for statistic in ("l2_norm", "max_abs"):
+            logged = steps[f"gradient/{layer}/{statistic}"]
+            np.testing.assert_allclose([logged[s] for s in record["step"]], record[statistic], rtol=1e-6)

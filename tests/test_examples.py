@@ -250,29 +250,38 @@ def test_adding_problem_targets():
     np.testing.assert_allclose(y[:, 0], [x[i, markers[i] == 1, 0].sum() for i in range(50)], rtol=1e-6)
 
 
-def test_exploding_gradients_logs_the_pre_clip_norm(tmp_path):
+def test_exploding_gradients_logs_the_pre_clip_norm_and_each_rules_threshold(tmp_path):
     # One batch holds the whole training set: the first step's gradient is known independently.
-    outcome = exploding_gradients.main(["--quick", "--num-train", "64", "--batch-size", "64", "--epochs", "3",
-                                        "--sequence-length", "100", "--units", "8", "--eval-every", "1",
+    outcome = exploding_gradients.main(["--quick", "--num-train", "64", "--batch-size", "64", "--epochs", "6",
+                                        "--sequence-length", "30", "--units", "8", "--eval-every", "1",
                                         "--out-dir", str(tmp_path), "--verbose", "0"])
     assert all(len(seeds) == 1 for seeds in outcome["runs"].values())
     logs = {name: seeds[0][0] for name, seeds in outcome["runs"].items()}
-    assert list(logs) == ["no clipping", "value clipping (0.1)", "global-norm clipping (1.0)"]
-    assert _is_png(outcome["figure"])
+    assert list(logs) == ["no clipping", "value 0.1", "global norm 0.1", "global norm 1", "global norm 10",
+                          "AutoClip()", "ZClip()", "ZClip(max_norm=None)"]
+    assert all(_is_png(path) for path in outcome["figures"])
 
     rng = np.random.default_rng(0)
-    x, y = exploding_gradients.adding_problem(64, 100, rng)
+    x, y = exploding_gradients.adding_problem(64, 30, rng)
     keras.utils.set_random_seed(0)
-    model = exploding_gradients.build_model("lstm", 100, 8)
+    model = exploding_gradients.build_model("lstm", 30, 8)
     with tf.GradientTape() as tape:
         loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
     gradients = tape.gradient(loss, [v.value for v in model.trainable_variables])
     first_norm = np.sqrt(sum(np.sum(np.square(g.numpy())) for g in gradients))
     for log in logs.values():
-        assert len(log.norms) == 3 and log.eval_steps == [1, 2, 3]
+        assert len(log.norms) == 6 and log.eval_steps == [1, 2, 3, 4, 5, 6]
         assert log.norms[0] == pytest.approx(first_norm, rel=1e-4)
     # From step 2 on, the clipped runs have taken different steps from the unclipped one.
-    assert logs["no clipping"].norms[1] != logs["global-norm clipping (1.0)"].norms[1]
+    assert logs["no clipping"].norms[1] != logs["global norm 0.1"].norms[1]
+    assert np.isnan(logs["value 0.1"].thresholds).all()
+    np.testing.assert_allclose(logs["global norm 0.1"].thresholds, 0.1, rtol=1e-6)
+    # AutoClip's default: the 10th percentile (NumPy's linear rule) of the norms seen so far.
+    norms = logs["AutoClip()"].norms
+    expected = [np.quantile(norms[: t + 1], 0.1) for t in range(len(norms))]
+    np.testing.assert_allclose(logs["AutoClip()"].thresholds, expected, rtol=1e-5)
+    # ZClip's default warms up for 25 steps, clipping at its cap of 1.0 meanwhile.
+    np.testing.assert_allclose(logs["ZClip()"].thresholds, 1.0)
 
 
 def test_gradient_centralization_cifar10_quick(tmp_path):

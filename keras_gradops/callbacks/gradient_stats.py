@@ -10,6 +10,7 @@ extra); recording does not.
 """
 
 import keras
+import tensorflow as tf
 
 from keras_gradops.training.gradient_ops_model import GradientOpsModel
 
@@ -21,7 +22,7 @@ class GradientStatsRecorder(keras.callbacks.Callback):
 
     Works with :class:`keras_gradops.GradientOpsModel` (and ``GuessedGradientModel``):
     the train step writes the last step's statistics of the gradient summed over
-    replicas, the callback reads them every ``every_n_steps`` steps (with
+    replicas (NaN for a step skipped as non-finite), the callback reads them every ``every_n_steps`` steps (with
     ``steps_per_execution > 1``, the last step of each execution).
 
     Args:
@@ -33,6 +34,9 @@ class GradientStatsRecorder(keras.callbacks.Callback):
             clipping and centralization; ``"raw"``: before them.
         every_n_steps: record one step in this many.
         label: the run's name in the plot's legend.
+        log_dir: if given, each recorded step is also written as TensorBoard
+            scalars ``gradient/<layer>/l2_norm`` and ``gradient/<layer>/max_abs``
+            (step = the iteration) to an event file in this directory.
 
     Attributes:
         history: ``{layer name: {"step": [...], "l2_norm": [...], "max_abs": [...]}}``,
@@ -43,7 +47,7 @@ class GradientStatsRecorder(keras.callbacks.Callback):
         >>> # model = kgo.GradientOpsModel(net, centralize=True); model.fit(..., callbacks=[recorder])
     """
 
-    def __init__(self, layers, path=None, stage="applied", every_n_steps=1, label=None):
+    def __init__(self, layers, path=None, stage="applied", every_n_steps=1, label=None, log_dir=None):
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"`every_n_steps` must be a positive int. Received: every_n_steps={every_n_steps!r}")
@@ -52,7 +56,9 @@ class GradientStatsRecorder(keras.callbacks.Callback):
         self.stage = stage
         self.every_n_steps = every_n_steps
         self.label = label
+        self.log_dir = log_dir
         self.history = {}
+        self._writer = None
         self._step = 0
         self._probe = None
 
@@ -70,6 +76,8 @@ class GradientStatsRecorder(keras.callbacks.Callback):
         self.model.make_train_function()  # traced again, now writing the probe
         for name in self._probe.layer_names:
             self.history.setdefault(name, {"step": [], "l2_norm": [], "max_abs": []})
+        if self.log_dir is not None and self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
@@ -80,8 +88,14 @@ class GradientStatsRecorder(keras.callbacks.Callback):
             record["step"].append(self._step)
             record["l2_norm"].append(float(l2_norm))
             record["max_abs"].append(float(max_abs))
+            if self._writer is not None:
+                with self._writer.as_default(step=self._step):
+                    tf.summary.scalar(f"gradient/{name}/l2_norm", float(l2_norm))
+                    tf.summary.scalar(f"gradient/{name}/max_abs", float(max_abs))
 
     def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.flush()
         self.model.watch_gradients(None)
         self._probe = None
         if self.path:

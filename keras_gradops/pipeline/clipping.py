@@ -31,7 +31,8 @@ import tensorflow as tf
 from keras_gradops.arguments import check_optional_positive, check_positive
 from keras_gradops.ops import clip_by_norm, clip_by_value
 from keras_gradops.ops.adaptive_clipping import clip_unitwise
-from keras_gradops.ops._dtypes import to_float32, values_of
+from keras_gradops.ops._dtypes import map_values, to_float32, values_of
+from keras_gradops.thresholds import AdaptiveThreshold, deserialize_threshold
 
 OPTIONS = ("global_clipnorm", "clipnorm", "clipvalue", "adaptive_clipping")
 
@@ -68,16 +69,18 @@ class Clipping:
 
 
 class GlobalNormClipping(Clipping):
-    """``g_i <- g_i * c / max(n, c)``: the direction kept, the global norm at most ``c``.
+    """``g_i <- g_i * min(1, c / n)``: the direction kept, the global norm at most ``c``.
 
-    ``c`` is a number or an adaptive threshold (:mod:`keras_gradops.thresholds`).
-    A non-finite ``n`` makes every entry NaN, as ``tf.clip_by_global_norm`` does.
+    ``c`` is a number or an adaptive threshold (:mod:`keras_gradops.thresholds`),
+    evaluated once per step. A NaN ``n`` makes every entry NaN, as
+    ``tf.clip_by_global_norm`` does.
     """
 
     option = "global_clipnorm"
 
     def __init__(self, threshold):
-        if not hasattr(threshold, "update"):
+        threshold = deserialize_threshold(threshold)
+        if not isinstance(threshold, AdaptiveThreshold):
             threshold = check_positive(threshold, "global_clipnorm")
         self._threshold = threshold
 
@@ -86,17 +89,21 @@ class GlobalNormClipping(Clipping):
         return self._threshold
 
     def build(self, add_state):
-        if hasattr(self._threshold, "build"):
+        if isinstance(self._threshold, AdaptiveThreshold):
             self._threshold.build(add_state)
 
     def threshold(self, norm):
-        if hasattr(self._threshold, "update"):
+        if isinstance(self._threshold, AdaptiveThreshold):
             return self._threshold.update(norm)
         return tf.constant(self._threshold, tf.float32)
 
     def __call__(self, gradients, variables, unit_axes, norm, threshold):
-        clipped, _ = tf.clip_by_global_norm(list(gradients), threshold, use_norm=norm)
-        return clipped, norm > threshold
+        scale = tf.minimum(1.0, threshold / norm)  # 1 for a norm of 0; NaN for a NaN norm
+
+        def rescale(values):
+            return values * tf.cast(scale, values.dtype)
+
+        return [None if g is None else map_values(g, rescale) for g in gradients], norm > threshold
 
 
 class NormClipping(Clipping):

@@ -153,7 +153,8 @@ class GradientOpsModel(keras_internals.MultiWorkerSymbolicBuildMixin, ChainTrain
             self.built = True
 
     def _add_state(self, name, shape, dtype, initializer):
-        return self.add_weight(name=name, shape=shape, dtype=dtype, initializer=initializer, trainable=False)
+        return self.add_weight(name=name, shape=shape, dtype=dtype, initializer=initializer, trainable=False,
+                               aggregation="only_first_replica")
 
     @property
     def max_consecutive_skips(self):

@@ -39,6 +39,10 @@ class GradientProbe:
         """Writes each group's L2 norm and max ``|g|``."""
         self.values.assign(tf.stack([group_norms(gradients, groups), group_max_abs(gradients, groups)], axis=1))
 
+    def record_skipped(self):
+        """A skipped step: NaN statistics (its gradient never reached the optimizer)."""
+        self.values.assign(tf.fill(tf.shape(self.values), float("nan")))
+
     def read(self):
         """A NumPy ``(n_layers, 2)`` array: columns L2 norm and max ``|g|``."""
         return self.values.numpy()

@@ -109,7 +109,12 @@ class ChainTrainStep:
         if not (self.skip_nonfinite or optimizer is not self.optimizer):
             apply(gradients)
             return
-        applied = guard.apply_if_finite(apply, gradients, lambda: loss_scaling.after_nonfinite_step(self.optimizer))
+        def skip():
+            loss_scaling.after_nonfinite_step(self.optimizer)
+            if self._gradient_probe is not None:
+                self._gradient_probe.record_skipped()
+
+        applied = guard.apply_if_finite(apply, gradients, skip)
         self._telemetry.record_skip(applied)
         if self.skip_nonfinite:
             self._skip_limit.record(applied)
