@@ -122,7 +122,7 @@ def train_run(name, factory, initial_weights, data, probe_batch, args, seed):
     _, test_accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
     return {"loss": history.history["loss"], "train_accuracy": history.history["accuracy"][-1],
             "test_accuracy": test_accuracy, "seconds": watch.seconds,
-            "probe": callbacks[0] if callbacks else None}
+            "probe": callbacks[0] if callbacks else None, "weights": model.get_weights()}
 
 
 def plot_losses(runs, args):
@@ -219,7 +219,7 @@ def main(argv=None):
         f"Gradient reaching the update, mean over training of L2 norm / max |entry| (seed {args.seed}):",
         ["optimizer", "first conv", "last dense"], probe_rows)
     figures = [plot_losses(runs, args), plot_gradient_statistics(runs, args)]
-    return {"runs": runs, "rows": rows, "figures": figures}
+    return {"runs": runs, "rows": rows, "figures": figures, "test_data": data[1]}
 
 
 if __name__ == "__main__":

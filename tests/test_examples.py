@@ -290,10 +290,14 @@ def test_gradient_centralization_cifar10_quick(tmp_path):
     runs = outcome["runs"]
     assert list(runs) == ["SGD", "SGDGC", "Adam", "AdamGC"]
     assert all(len(seeds) == 2 and seeds[1]["probe"] is None for seeds in runs.values())
-    assert [row[0] for row in outcome["rows"]] == list(runs)
-    for row, seeds in zip(outcome["rows"], runs.values()):
-        accuracies = [run["test_accuracy"] for run in seeds]
-        assert row[1] == pytest.approx(np.mean(accuracies)) and row[2] == pytest.approx(np.std(accuracies, ddof=1))
+    # Each run's reported test accuracy: its final weights, predicting here, argmax against the labels.
+    x_test, y_test = outcome["test_data"]
+    net = gradient_centralization_cifar10.build_resnet(4)  # --quick width
+    for seeds in runs.values():
+        for run in seeds:
+            net.set_weights(run["weights"])
+            predicted = np.argmax(net.predict(x_test, batch_size=500, verbose=0), axis=1)
+            assert np.mean(predicted == y_test) == pytest.approx(run["test_accuracy"], abs=1e-6)
     assert all(_is_png(path) for path in outcome["figures"])
     # Step 0: every run starts from the same weights on the same probe batch, so the raw gradients
     # agree, and centralization -- a projection -- makes the GC runs' gradients strictly shorter.
@@ -311,7 +315,6 @@ def test_guessing_gradients_cifar10_quick(tmp_path):
         "--quick", "--out-dir", str(tmp_path), "--verbose", "0",
         "--methods", "directional_descent", "weight_transpose", "backprop", "keras backprop"])
     results = outcome["results"]
-    assert [row[0] for row in outcome["rows"]] == list(results)
     assert _is_png(outcome["figure"])
     # The model's "backprop" oracle trains exactly as Keras' own backprop from the same weights and batches.
     np.testing.assert_allclose(results["backprop"]["history"]["loss"], results["keras backprop"]["history"]["loss"],
