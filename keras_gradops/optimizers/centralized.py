@@ -21,7 +21,7 @@ from keras_gradops.optimizers.base import GradientChainMixin
 
 BUILTIN_OPTIMIZERS = (
     "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax",
-    "Ftrl", "Lamb", "Lion", "Nadam", "RMSprop", "SGD",
+    "Ftrl", "Lamb", "Lion", "Muon", "Nadam", "RMSprop", "SGD",
 )
 _UNSUPPORTED = (keras.optimizers.LossScaleOptimizer,)
 _CLASSES = {}
@@ -55,9 +55,7 @@ def centralized_class(optimizer_class):
 
     Raises:
         TypeError: not an optimizer class, a ``LossScaleOptimizer`` (wrap the
-            inner optimizer instead), already centralized, or with a weight
-            decay rule of its own (e.g. ``Muon``'s): the pipeline applies
-            Keras' decoupled decay per variable and would silently change it.
+            inner optimizer instead), or already centralized.
     """
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, keras.optimizers.Optimizer)):
         raise TypeError(
@@ -70,12 +68,6 @@ def centralized_class(optimizer_class):
         raise TypeError(
             f"`{optimizer_class.__name__}` wraps another optimizer: centralize the inner "
             "optimizer; Keras adds loss scaling around it under `mixed_float16`."
-        )
-    if optimizer_class._apply_weight_decay is not keras.optimizers.Optimizer._apply_weight_decay:
-        raise TypeError(
-            f"`{optimizer_class.__name__}` has its own weight decay rule (`_apply_weight_decay`), "
-            "which gradient centralization cannot keep. Use an optimizer with Keras' decoupled "
-            "weight decay (SGD, Adam, AdamW, Lion, ...)."
         )
     if optimizer_class not in _CLASSES:
         name = f"Centralized{optimizer_class.__name__}"

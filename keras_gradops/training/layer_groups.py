@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from keras_gradops import keras_internals
 from keras_gradops.ops import global_norm
 from keras_gradops.ops._dtypes import to_float32, values_of
 
@@ -29,7 +30,7 @@ def resolve_layers(model, layers):
             "`layers` must be True or a list of layer names or layers. "
             f"Received: layers={layers!r}"
         )
-    by_name = {layer.name: layer for layer in model._flatten_layers(include_self=False)}
+    by_name = {layer.name: layer for layer in keras_internals.all_layers(model)}
     resolved = []
     for entry in layers:
         if isinstance(entry, keras.layers.Layer):
