@@ -124,6 +124,26 @@ def nan_skip(strategy, task):
     }
 
 
+def mixed_precision(strategy, task):
+    """mixed_float16: worker 1's second batch overflows float16; the loss scale halves on both workers."""
+    rng = np.random.default_rng(40 + task)
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    y = rng.normal(size=(6, 3)).astype(np.float32)
+    if task == 1:
+        x[2:4, 0] = 1e5  # float16 overflows to inf in the forward pass
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            model = kgo.GradientOpsModel(small_mlp(), global_clipnorm=10.0)
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=False)
+        model.fit(unsharded(tf.data.Dataset.from_tensor_slices((x, y)).batch(2)), epochs=1, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return {"dynamic_scale": float(model.optimizer.dynamic_scale.numpy()),
+            "iterations": int(model.optimizer.iterations.numpy()),
+            "weights": [w.tolist() for w in model.model.get_weights()]}
+
+
 def guessed(strategy, task):
     """One step of weight_transpose guesses; each replica draws with its index folded into the seed."""
     rng = np.random.default_rng(20 + task)
@@ -192,7 +212,8 @@ class SlowSteps(keras.callbacks.Callback):
         time.sleep(self.seconds)
 
 
-SCENARIOS = {fn.__name__: fn for fn in (global_clip, custom_loop, nan_skip, guessed, all_reduces, resumable)}
+SCENARIOS = {fn.__name__: fn for fn in (global_clip, custom_loop, nan_skip, mixed_precision, guessed,
+                                         all_reduces, resumable)}
 
 
 def main(output_dir, names, **options):

@@ -43,7 +43,8 @@ def read(output_dir, name):
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("multi_worker")
-    results, _ = launch(output_dir, ["global_clip", "custom_loop", "nan_skip", "guessed", "all_reduces", "resumable"])
+    results, _ = launch(output_dir, ["global_clip", "custom_loop", "nan_skip", "mixed_precision", "guessed",
+                                     "all_reduces", "resumable"])
     for result in results:
         assert result.returncode == 0, f"worker {result.index} failed:\n{result.output[-4000:]}"
     return output_dir
@@ -101,6 +102,16 @@ def test_a_nan_on_one_worker_skips_the_step_on_both(scenarios):
         assert worker["iterations"] == applied
         for got, expected in zip(worker["weights"], net.get_weights()):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_overflow_on_one_worker_halves_the_loss_scale_on_both(scenarios):
+    workers = read(scenarios, "mixed_precision")
+    for worker in workers:
+        assert worker["dynamic_scale"] == 2.0**14  # 2**15 halved once: the overflow was seen everywhere
+        assert worker["iterations"] == 2  # three steps, the overflowing one skipped
+        assert np.isfinite(np.concatenate([np.ravel(w) for w in worker["weights"]])).all()
+    for a, b in zip(workers[0]["weights"], workers[1]["weights"]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_guessed_gradients_draw_independent_noise_on_each_worker(scenarios):
