@@ -141,9 +141,10 @@ def plot(logs, args):
         norms, thresholds = np.asarray(log.norms), np.asarray(log.thresholds)
         finite = np.isfinite(norms)
         ax.plot(steps[finite], norms[finite], color="tab:blue", linewidth=0.6, label="pre-clip norm")
-        shown = np.isfinite(thresholds) & (thresholds < 1e30)
+        shown = np.isfinite(thresholds) & (thresholds < 1e30)  # ZClip without a spike has none in force
         if shown.any():
-            ax.plot(steps[shown], thresholds[shown], color="tab:red", linewidth=0.9, label="threshold")
+            ax.plot(steps, np.where(shown, thresholds, np.nan), color="tab:red", linewidth=0.9, marker=".",
+                    markersize=2, label="threshold in force")
         if log.diverged_at is not None:
             ax.axvline(log.diverged_at, color="black", linestyle=":", label="loss NaN")
         ax.set(yscale="log", ylabel="norm")
