@@ -330,3 +330,23 @@ def test_predict_is_the_wrapped_models():
         warnings.simplefilter("error")
         model = kgo.GradientOpsModel(net)
     np.testing.assert_allclose(model.predict(x, verbose=0), numpy_forward(net, x), rtol=1e-5, atol=1e-6)
+
+
+def test_recompiling_after_freezing_a_layer_rebuilds_the_chain_for_the_new_variables():
+    x, y = data(8, (4,), 3)
+    net = dense_net()
+    model = kgo.GradientOpsModel(net, centralize=True, layer_norms=["out"])
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    model.fit(x, y, verbose=0)
+    net.get_layer("hidden").trainable = False
+    frozen = [w.copy() for w in net.get_layer("hidden").get_weights()]
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    before = net.get_layer("out").get_weights()[0].copy()
+    gradients = tape_gradients(net, x, y)  # the output layer's kernel and bias: the trained weights
+    gradient = gradients[0]
+    history = model.fit(x, y, batch_size=8, verbose=0).history
+    assert history["grad_norm/out"][0] == pytest.approx(np_norm(gradients), rel=1e-5)
+    for a, b in zip(frozen, net.get_layer("hidden").get_weights()):
+        np.testing.assert_array_equal(a, b)
+    expected = before - (gradient - gradient.mean(axis=0, keepdims=True))
+    np.testing.assert_allclose(net.get_layer("out").get_weights()[0], expected, rtol=1e-5, atol=1e-6)

@@ -220,6 +220,7 @@ class GradientOpsModel(keras_internals.MultiWorkerSymbolicBuildMixin, ChainTrain
             return self.train_function
         self._check_jit_compile()
         self._check_optimizer()
+        self._positions = None  # the chain is built again for the trainable variables of this compile
         keras_internals.install_aggregation_hook(
             loss_scaling.updating_optimizer(self.optimizer), self._on_aggregated_gradients, owner=self,
         )
