@@ -19,11 +19,12 @@ its expectation (unbiased methods stay unbiased):
 
 import tensorflow as tf
 
-SITE_STREAM = 0
-VARIABLE_STREAM = 1
+from keras_gradops.training.guessed.ordering import after as wait_for
+
 NORMAL = "normal"
 RADEMACHER = "rademacher"
 DISTRIBUTIONS = (NORMAL, RADEMACHER)
+DEFAULT = NORMAL
 _ALGORITHM = "philox"
 _BITS = 32
 
@@ -33,6 +34,16 @@ def fold_in(seed, *indices):
     for index in indices:
         seed = tf.random.experimental.stateless_fold_in(seed, index, alg=_ALGORITHM)
     return seed
+
+
+def seed_table(seed, count):
+    """``count`` independent ``[2]`` seeds from ``seed`` in one draw: a ``[count, 2]`` int64 tensor.
+
+    One random op for every seed of a step, not a chain of ``fold_in`` per
+    draw: XLA compiles each random op into a few hundred instructions.
+    """
+    return tf.random.stateless_uniform([count, 2], seed=seed, minval=None, maxval=None, dtype=tf.int64,
+                                       alg=_ALGORITHM)
 
 
 def as_seed(seed):
@@ -59,8 +70,9 @@ def _rademacher(seed, shape, dtype):
 def draw(distribution, seed, shape, dtype, after=None):
     """Draws of ``distribution`` (mean 0, variance 1), made only once the tensors in ``after`` exist.
 
-    The control dependency keeps the executor from drawing every layer's
-    noise at the start of the step, which would hold it all in memory.
+    The seed waits for ``after``, which keeps the executor (or XLA's
+    scheduler) from drawing every layer's noise at the start of the step,
+    which would hold it all in memory.
 
     Args:
         distribution: ``"normal"`` or ``"rademacher"``.
@@ -70,10 +82,7 @@ def draw(distribution, seed, shape, dtype, after=None):
         after: tensors that must be computed first.
     """
     if after:
-        # The seed itself waits, so the order does not rest on the StopGradient that ``after``
-        # often is (Grappler's model pruner removes StopGradient nodes).
-        with tf.control_dependencies(after):
-            seed = tf.identity(seed)
+        (seed,) = wait_for(after, [seed])
     if distribution == RADEMACHER:
         return _rademacher(seed, shape, dtype)
     return tf.random.stateless_normal(shape, seed=seed, dtype=dtype, alg=_ALGORITHM)

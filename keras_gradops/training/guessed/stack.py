@@ -77,16 +77,25 @@ class Site:
 
     def pre_activation(self, x):
         """``s = x W + b`` (Dense) or ``conv(x, W) + b`` (Conv2D), in the layer's compute dtype."""
+        return self.linear(x, self.kernel, self.bias)
+
+    def linear(self, x, kernel, bias=None):
+        """``x K + b`` (Dense) or ``conv(x, K) + b`` (Conv2D) for any ``K`` and ``b`` shaped as the weights.
+
+        The layer's map is linear in ``x`` and in ``(K, b)``, so this is also
+        its forward derivative: ``linear(t_x, W)`` along an input tangent,
+        ``linear(x, V_W, V_b)`` along a weight tangent.
+        """
         dtype = self.layer.compute_dtype
         x = keras.ops.cast(x, dtype)
-        kernel = keras.ops.cast(self.kernel, dtype)
+        kernel = keras.ops.cast(kernel, dtype)
         if self.is_dense:
             s = keras.ops.matmul(x, kernel)
         else:
             s = self.layer.convolution_op(x, kernel)
-        if self.bias is None:
+        if bias is None:
             return s
-        bias = keras.ops.cast(self.bias, dtype)
+        bias = keras.ops.cast(bias, dtype)
         if not self.is_dense:
             rank = self.layer.rank
             channels_last = self.layer.data_format == "channels_last"
@@ -109,6 +118,15 @@ class Site:
             tape.watch(s)
             a = activation(s)
         return tape.gradient(a, s, output_gradients=cotangent)
+
+    def push_forward(self, s, tangent):
+        """``J_act(s) tangent``, the forward derivative of the activation: for ReLU ``tangent * 1[s > 0]``."""
+        activation = self.layer.activation
+        if activation in (keras.activations.linear, keras.activations.relu):
+            return self.pull_back(s, tangent)  # a diagonal Jacobian is its own transpose
+        with tf.autodiff.ForwardAccumulator(s, tangent) as accumulator:
+            a = activation(s)
+        return accumulator.jvp(a)
 
     def pre_activation_shape(self, x):
         """The shape of ``s`` for the input ``x``, without computing ``s`` when it is known statically."""
@@ -190,8 +208,17 @@ def _is_recurrent(layer):
                for sub in layer._flatten_layers(include_self=True))
 
 
+def recompute_problem(layer):
+    """Why a second forward pass through ``layer`` would not repeat the first, or ``None``."""
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return "recompute=True runs the forward pass twice and would update its moving statistics twice"
+    if _draws_random_numbers(layer):
+        return "recompute=True runs the forward pass twice and it draws new random numbers each time"
+    return None
+
+
 def layer_problem(layer, method, recompute=False):
-    """Why ``method`` cannot train ``layer`` in a stack, or ``None`` if it can."""
+    """Why ``method`` (with ``recompute`` a bool) cannot train ``layer`` in a stack, or ``None`` if it can."""
     if getattr(layer, "activity_regularizer", None) is not None:
         return "its activity_regularizer adds a loss inside the layer call, which a guess cannot see"
     if method == m.BACKPROP:
@@ -200,10 +227,8 @@ def layer_problem(layer, method, recompute=False):
         if _is_recurrent(layer):
             return "forward-mode differentiation of a recurrent layer's loop fails inside tf.function"
         return None
-    if recompute and isinstance(layer, keras.layers.BatchNormalization):
-        return "recompute=True runs the forward pass twice and would update its moving statistics twice"
-    if recompute and _draws_random_numbers(layer):
-        return "recompute=True runs the forward pass twice and it draws new random numbers each time"
+    if recompute and recompute_problem(layer) is not None:
+        return recompute_problem(layer)
     if _is_site_layer(layer) or not layer.trainable_weights or isinstance(layer, NORMALIZATION_LAYERS):
         return None
     return "a layer with trainable weights must be Dense, Conv2D or a normalisation layer"
@@ -334,9 +359,13 @@ class LayerStack:
         """The site after ``site``, or ``None`` for the last one."""
         return self.sites[site.index + 1] if site.index + 1 < len(self.sites) else None
 
-    def run(self, x, site_fn, training=True):
-        """Runs the stack on ``x``; each site's output is ``site_fn(site, x_l)``."""
-        for layer in self.layers:
-            site = self._site_of.get(id(layer))
+    def site_of(self, layer):
+        """The :class:`Site` of ``layer``, or ``None`` if it is not a site."""
+        return self._site_of.get(id(layer))
+
+    def run(self, x, site_fn, training=True, start=0):
+        """Runs the stack on ``x`` from layer ``start`` on; each site's output is ``site_fn(site, x_l)``."""
+        for layer in self.layers[start:]:
+            site = self.site_of(layer)
             x = site_fn(site, x) if site is not None else layer(x, training=training)
         return x
