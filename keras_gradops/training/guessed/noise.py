@@ -5,7 +5,10 @@ Grappler would fold) give the same numbers when a forward pass is recomputed,
 and let a test rebuild a guess from the seed. (XLA's kernels turn the same
 seed into other numbers than TensorFlow's own: a guess is reproducible within
 one mode.) The algorithm is Philox: left to ``auto_select``, XLA on CPU picks
-ThreeFry, about 50 times slower here.
+ThreeFry, about 50 times slower here. A draw's ``[2]`` seed is Philox's key
+and the high word of its counter as they are; TensorFlow's
+``tf.random.stateless_*`` would first scramble every seed with one more
+Philox op, which :func:`seed_table` does once for all the seeds of a step.
 
 Two distributions, both with mean 0 and covariance ``I``, so every guess keeps
 its expectation (unbiased methods stay unbiased):
@@ -26,6 +29,7 @@ RADEMACHER = "rademacher"
 DISTRIBUTIONS = (NORMAL, RADEMACHER)
 DEFAULT = NORMAL
 _ALGORITHM = "philox"
+_PHILOX = tf.random.Algorithm.PHILOX.value
 _BITS = 32
 
 
@@ -56,14 +60,32 @@ def as_seed(seed):
     return seed
 
 
-def _rademacher(seed, shape, dtype):
-    """Bit ``k`` of a random word picks the sign: a bool mask, then one full-size float tensor."""
+def _key_counter(seed):
+    """Philox's key (``seed[0]``) and 128-bit counter (high word ``seed[1]``, low word 0) of a draw."""
+    seed = tf.bitcast(tf.cast(seed, tf.int64), tf.uint64)
+    return seed[:1], tf.stack([tf.zeros([], tf.uint64), seed[1]])
+
+
+def _rademacher(key, counter, shape, dtype):
+    """Bit ``k`` of a random word picks the sign: the words' bytes, one bit each, then one float tensor.
+
+    Without XLA the temporaries are a quarter of the output (one byte per
+    sign), not the output's size (an int32 per sign).
+    """
     size = tf.reduce_prod(tf.cast(shape, tf.int32))
-    words = tf.random.stateless_uniform(
-        [(size + _BITS - 1) // _BITS], seed=seed, minval=None, maxval=None, dtype=tf.int32, alg=_ALGORITHM
+    words = tf.raw_ops.StatelessRandomUniformFullIntV2(
+        shape=tf.reshape((size + _BITS - 1) // _BITS, [1]), key=key, counter=counter, alg=_PHILOX, dtype=tf.int32
     )
-    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words[:, None], tf.range(_BITS, dtype=tf.int32)), 1)
-    signs = tf.where(tf.cast(bits, tf.bool), tf.constant(1, dtype), tf.constant(-1, dtype))
+    # XLA fuses the words into the signs and recomputes each word for each of its 32 signs (8M signs
+    # cost 30 ms more than a matmul's operand on this CPU). Its fusion pass does not duplicate an
+    # integer division by a run-time value, so the words are divided by a 1 it cannot see: each word
+    # is then computed once.
+    one = 1 + tf.cast(tf.cast(counter[1], tf.float32) * 0.0, tf.int32)
+    words = words // one
+    octets = tf.bitcast(words, tf.uint8)[..., None]  # [words, 4, 1]
+    bit_of_octet = tf.constant(list(range(8)), tf.uint8)
+    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(octets, bit_of_octet), tf.constant(1, tf.uint8))
+    signs = tf.cast(bits, dtype) * 2 - 1
     return tf.reshape(tf.reshape(signs, [-1])[:size], shape)
 
 
@@ -76,13 +98,17 @@ def draw(distribution, seed, shape, dtype, after=None):
 
     Args:
         distribution: ``"normal"`` or ``"rademacher"``.
-        seed: an int64 ``[2]`` seed tensor.
+        seed: an int64 ``[2]`` seed tensor: Philox's key and the high word of
+            its counter (a row of :func:`seed_table`).
         shape: the shape of the draw (a list or a 1-D int tensor).
         dtype: a floating dtype.
         after: tensors that must be computed first.
     """
     if after:
         (seed,) = wait_for(after, [seed])
+    key, counter = _key_counter(seed)
     if distribution == RADEMACHER:
-        return _rademacher(seed, shape, dtype)
-    return tf.random.stateless_normal(shape, seed=seed, dtype=dtype, alg=_ALGORITHM)
+        return _rademacher(key, counter, shape, dtype)
+    return tf.raw_ops.StatelessRandomNormalV2(
+        shape=tf.cast(shape, tf.int32) if isinstance(shape, tf.Tensor) else shape, key=key, counter=counter,
+        alg=_PHILOX, dtype=dtype)

@@ -113,7 +113,8 @@ class Site:
         if activation is keras.activations.linear:
             return cotangent
         if activation is keras.activations.relu:
-            return cotangent * tf.cast(s > 0, cotangent.dtype)
+            # One kernel, in place in ``cotangent``'s buffer: no mask tensor.
+            return tf.raw_ops.ReluGrad(gradients=cotangent, features=tf.cast(s, cotangent.dtype))
         with tf.GradientTape() as tape:
             tape.watch(s)
             a = activation(s)
