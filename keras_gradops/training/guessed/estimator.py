@@ -30,16 +30,17 @@ unbiased.
 
 Memory. The update needs each layer's input and guess once ``d`` is known,
 at the end of the pass. Kept, they cost what backprop keeps (every layer's
-activations). With ``recompute``, the first pass keeps only the first
-Dense/Conv2D layer's input and pre-activation; a second pass rebuilds every
-later layer's input and guess from the same seeds, updates that layer and
-moves on. The order (:mod:`~keras_gradops.training.guessed.ordering`) makes
-each layer of the first pass wait for the previous layer's tangent, each
-draw for its layer, the second pass for every ``d`` and each of its layers
-for the previous layer's update, and under XLA keeps the second pass from
-being merged into the first: alive at any time are the weights, the
-gradient, ``d``, the first layer's pre-activation and one or two layers'
-values and tangents, whatever the depth.
+activations). The first pass keeps them for the first layers only while
+they fit in the batch's own size (``recompute="auto"``; all with ``False``,
+none with ``True``); a second pass rebuilds every later layer's input and
+guess from the same seeds, updates that layer and moves on. The order
+(:mod:`~keras_gradops.training.guessed.ordering`) makes each layer of the
+first pass wait for its tangent, each draw for its layer, the second pass
+for every ``d`` and each of its layers for the previous layer's update, and
+under XLA keeps the second pass from being merged into the first: alive at
+any time are the weights, the gradient, ``d``, the kept records (at most the
+batch's size) and one or two layers' values, tangents and guesses, whatever
+the depth.
 """
 
 import contextlib
@@ -87,6 +88,17 @@ def _times_per_example(d, y):
     return tf.reshape(d, tf.concat([tf.shape(d), tf.ones([y.shape.rank - 1], tf.int32)], 0)) * y
 
 
+def _example_bytes(x):
+    """Bytes of one example of ``x`` (its first axis is the batch); infinite if a size is unknown."""
+    sizes = x.shape[1:]
+    if None in sizes:
+        return float("inf")
+    size = 1
+    for n in sizes:
+        size *= n
+    return size * x.dtype.size
+
+
 def _add(total, value):
     if value is None:
         return total
@@ -102,13 +114,16 @@ class GradientGuesser:
         stack: the checked :class:`~keras_gradops.training.guessed.stack.LayerStack`.
         method: one of :data:`~keras_gradops.training.guessed.methods.METHODS`.
         num_guesses: independent guesses averaged per step (one forward pass each).
-        recompute: if ``True``, the first pass keeps nothing per layer but the
-            first Dense/Conv2D layer's input and pre-activation; a second
-            forward pass with the same seeds rebuilds every later layer's input
-            and guess for its update, layer after layer: activation memory
-            ``O(1)`` in depth for one more forward pass (see the module
-            docstring). The stack must repeat exactly (no layer drawing random
-            numbers or keeping moving statistics).
+        recompute: what the first pass keeps for the updates (see the module
+            docstring): ``False``, every layer's input and guess; ``True``,
+            nothing: a second forward pass with the same seeds rebuilds every
+            layer's input and guess for its update, layer after layer
+            (activation memory ``O(1)`` in depth, one more forward pass);
+            ``"auto"``, the first layers' inputs and guesses while they take
+            no more memory than the batch itself, the rest rebuilt (the
+            paper's 3072-128-128-10 MLP keeps all, a deep MLP of equal widths
+            none). With ``True`` or ``"auto"`` the stack must repeat exactly
+            (no layer drawing random numbers or keeping moving statistics).
         variables: the trainable variables the gradients align with.
         noise: the distribution of every draw, ``"rademacher"`` or ``"normal"``
             (:mod:`~keras_gradops.training.guessed.noise`).
@@ -151,10 +166,12 @@ class GradientGuesser:
         passes = []
         streams = len(self.stack.sites) + len(self.perturbed)
         seeds = tf.reshape(seed_table(seed, self.num_guesses * streams), [self.num_guesses, streams, 2])
+        kept = None  # how many sites keep their records: decided by the first pass, followed by the others
         for k in range(self.num_guesses):
             tape = tf.GradientTape() if true_gradient and k == 0 else contextlib.nullcontext()
             with tape:
-                result = self._tangent_pass(x, loss_fn, seeds[k], training)
+                result = self._tangent_pass(x, loss_fn, seeds[k], training, kept)
+            kept = result["kept"]
             if true_gradient and k == 0:
                 true_gradients = tape.gradient(result["objective"], self.variables)
             passes.append(result)
@@ -162,13 +179,12 @@ class GradientGuesser:
                 self._accumulate(gradients, v, grad)
             for i, grad in enumerate(result["regularization_grads"]):
                 self._accumulate(gradients, self.variables[i], grad)
-        if self.recompute and self.guessed_sites:
-            self._recomputed_site_updates(passes[0]["kept"], [p["d"] for p in passes], seeds, training, gradients)
-        else:
-            for p in passes:
-                for site, x_in, y in p["records"]:
-                    for v, grad in zip(site.variables, site.weight_update(x_in, _times_per_example(p["d"], y))):
-                        self._accumulate(gradients, v, grad)
+        for p in passes:
+            for site, x_in, y in p["records"]:
+                for v, grad in zip(site.variables, site.weight_update(x_in, _times_per_example(p["d"], y))):
+                    self._accumulate(gradients, v, grad)
+        if passes[0]["resume"] is not None:
+            self._recomputed_site_updates(passes[0]["resume"], [p["d"] for p in passes], seeds, training, gradients)
         if self.num_guesses > 1:
             gradients = [None if g is None else g / tf.cast(self.num_guesses, g.dtype) for g in gradients]
         first = passes[0]
@@ -201,13 +217,26 @@ class GradientGuesser:
             tangents.append(tangent)
         return tangents
 
-    def _tangent_pass(self, x, loss_fn, seeds, training):
+    def _budget(self, x):
+        """Bytes per example the first pass may keep for the updates (see ``recompute``)."""
+        if self.recompute is False:
+            return float("inf")
+        batch = _example_bytes(x)
+        return 0 if self.recompute is True or batch == float("inf") else batch
+
+    def _tangent_pass(self, x, loss_fn, seeds, training, kept=None):
         """One forward pass with tangents: the per-example derivative ``d`` and what the update needs.
 
-        ``seeds[i]`` seeds site ``i``'s guess, then each perturbed variable's tangent.
+        ``seeds[i]`` seeds site ``i``'s guess, then each perturbed variable's tangent. The records
+        ``(site, x_l, y_l)`` of the first ``kept`` guessed sites are kept; with ``kept=None`` this pass
+        decides ``kept`` from the budget, and where the second pass resumes: ``(position, x_l)`` of
+        the first site without a record, or ``None``.
         """
         draws, records, perturbed = {}, [], []
-        kept = None
+        budget, used, resume = self._budget(x), 0, None
+        decide = kept is None
+        kept = 0 if decide else kept
+        batch = x
         tangent = None
         for position, layer in enumerate(self.stack.layers):
             site = self.stack.site_of(layer)
@@ -223,14 +252,23 @@ class GradientGuesser:
                     y, draws[layer.name] = guess(self.method, site, s, self.stack.next_site(site),
                                                  seeds[site.index], self.noise)
                     tangent = _add(tangent, y)
-                    if not self.recompute:
+                    if decide and kept == site.index and resume is None:
+                        # Keep this record if, with the next site's input (shaped as ``s`` or smaller)
+                        # to resume from, everything kept stays within the budget.
+                        record = self.num_guesses * ((x_in is not batch) * _example_bytes(x_in) + _example_bytes(s))
+                        last = self.stack.next_site(site) is None
+                        if used + record + (0 if last else _example_bytes(s)) <= budget:
+                            used += record
+                            kept += 1
+                        else:
+                            resume = (position, x_in)
+                    if site.index < kept:
                         records.append((site, x_in, y))
-                    elif site.index == 0:
-                        kept = (position, x_in, s)
-                x = site.activate(s)
                 tangent = None if tangent is None else site.push_forward(s, tangent)
-            # The next layer waits for this one's tangent: the forward values cannot run ahead.
-            (x,) = after([tangent], [x])
+                # The output waits for the tangent: the forward pass cannot run ahead of it, and the
+                # activation can overwrite ``s``, which the tangent needed.
+                (s,) = after([tangent], [s])
+                x = site.activate(s)
         y_pred = x
         loss, objective, cotangent, regularization = self._loss_head(loss_fn, y_pred)
         if tangent is None:
@@ -240,8 +278,8 @@ class GradientGuesser:
         if self.stack.couples_examples:
             d = tf.fill(tf.shape(d), total)
         perturbed_grads = [(v, total * tf.cast(t, tf.float32)) for v, t in perturbed]
-        return dict(loss=loss, objective=objective, y_pred=y_pred, d=d, records=records, kept=kept, draws=draws,
-                    perturbed_grads=perturbed_grads, regularization_grads=regularization)
+        return dict(loss=loss, objective=objective, y_pred=y_pred, d=d, records=records, kept=kept, resume=resume,
+                    draws=draws, perturbed_grads=perturbed_grads, regularization_grads=regularization)
 
     @staticmethod
     def _site_tangent(site, x, tangent, weight_tangents):
@@ -275,19 +313,21 @@ class GradientGuesser:
             cotangent = tf.zeros_like(y_pred)
         return loss, objective, cotangent, regularization
 
-    def _recomputed_site_updates(self, kept, ds, seeds, training, gradients):
-        """Second forward pass from the first site's kept values: rebuild each layer's guesses, update it, move on.
+    def _recomputed_site_updates(self, resume, ds, seeds, training, gradients):
+        """Second forward pass from the first site without a record: rebuild each layer's guesses, update it, move on.
 
-        It starts once every ``d`` is known, from new copies (to XLA) of the
-        kept values and the seed, so nothing in it is merged with the first
-        pass; each layer's output waits for its update, so at most one
-        layer's input and guesses are alive at a time.
+        It starts once every ``d`` is known, from new values (to XLA) of the
+        first site's kernel and the seeds, so nothing in it is merged with
+        the first pass; each layer's output waits for its update, so at most
+        one layer's input and guesses are alive at a time.
         """
-        position, x_in, first_s = kept
-        x_in, first_s, seeds = after(ds, [x_in, first_s, seeds])
+        position, x_in = resume
+        first = self.stack.site_of(self.stack.layers[position])
+        first_kernel, seeds = after(ds, [tf.convert_to_tensor(first.kernel.value), seeds])
 
         def site_update(site, x_in):
-            s = first_s if site.index == 0 else site.pre_activation(x_in)
+            kernel = first_kernel if site is first else site.kernel
+            s = site.linear(x_in, kernel, site.bias)
             if site not in self.guessed_sites:
                 return site.activate(s)
             next_site = self.stack.next_site(site)

@@ -27,7 +27,7 @@ from keras_gradops.training.guessed.ordering import after as wait_for
 NORMAL = "normal"
 RADEMACHER = "rademacher"
 DISTRIBUTIONS = (NORMAL, RADEMACHER)
-DEFAULT = NORMAL
+DEFAULT = RADEMACHER
 _ALGORITHM = "philox"
 _PHILOX = tf.random.Algorithm.PHILOX.value
 _BITS = 32

@@ -301,11 +301,16 @@ class LayerStack:
     Args:
         model: a built Sequential or functional stack.
         method: one of :data:`keras_gradops.training.guessed.methods.METHODS`.
-        recompute: whether the forward pass is run twice per step.
+        recompute: ``True``, ``False`` or ``"auto"``, whether (or where) the
+            forward pass may run twice per step (see
+            :class:`~keras_gradops.training.guessed.estimator.GradientGuesser`).
         num_guesses: the guesses averaged per step (one forward pass each).
 
     Attributes:
         layers: the stack's layers in order.
+        recompute: ``recompute``, with ``"auto"`` resolved to ``False`` when
+            the method keeps no per-layer guesses or a layer cannot run twice
+            (it draws random numbers or keeps moving statistics).
         sites: the :class:`Site` of every trainable Dense/Conv2D layer, in order.
         couples_examples: whether a layer mixes the examples of a batch
             (BatchNormalization), so a per-example directional derivative is
@@ -320,6 +325,10 @@ class LayerStack:
         self.layers = stack_layers(model)
         if not model.trainable_weights:
             raise ValueError(f"Model {model.name!r} has no trainable weights: there is no gradient to guess.")
+        if recompute == "auto" and not (method in m.ACTIVATION_SPACE_METHODS and all(
+                recompute_problem(layer) is None for layer in self.layers)):
+            recompute = False
+        self.recompute = recompute
         self.sites = []
         self._site_of = {}
         for layer in self.layers:
