@@ -147,6 +147,20 @@ def test_directional_descent_is_directional_derivative_times_tangent(noise):
         np.testing.assert_allclose(got.numpy(), derivative * v, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "log_softmax"])
+def test_directional_derivative_through_other_activations(activation):
+    """The tangent crosses a layer's own activation by its Jacobian, symmetric or not (log_softmax's is not)."""
+    keras.utils.set_random_seed(7)
+    net = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation=activation),
+                            keras.layers.Dense(2)])
+    x, y = batch()
+    grads, draws = wrapped(net, "directional_descent").guess_gradients(x, y, seed=2, return_draws=True)
+    tangents = [draws[0][v.path].numpy() for v in net.trainable_variables]
+    derivative = sum(np.sum(g * v) for g, v in zip(tape_gradient(net, x, y), tangents))
+    for got, v in zip(grads, tangents):
+        np.testing.assert_allclose(got.numpy(), derivative * v, rtol=2e-4, atol=1e-6)
+
+
 def test_weight_regularizer_gradient_is_added_exactly():
     net = hand_mlp(l2=0.1)
     x, y = batch()
