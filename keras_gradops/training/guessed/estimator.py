@@ -238,6 +238,7 @@ class GradientGuesser:
         kept = 0 if decide else kept
         batch = x
         tangent = None
+        ahead = {}  # site index -> its pre-activation, computed by the previous site's guess
         for position, layer in enumerate(self.stack.layers):
             site = self.stack.site_of(layer)
             variables = [v for v in layer.trainable_variables if id(v) in self._stream]
@@ -247,10 +248,13 @@ class GradientGuesser:
                 x, tangent = self._layer_forward(layer, x, tangent, variables, weight_tangents, training)
             else:
                 x_in = x
-                s, tangent = self._site_tangent(site, x, tangent, weight_tangents)
+                # A pre-activation computed ahead waits for the tangent to reach its layer.
+                given = after([tangent], [ahead.pop(site.index)])[0] if ahead.get(site.index) is not None else None
+                s, tangent = self._site_tangent(site, x, tangent, weight_tangents, given)
                 if site in self.guessed_sites:
+                    s_next = ahead[site.index + 1] = self._shared_next_pre_activation(site, s)
                     y, draws[layer.name] = guess(self.method, site, s, self.stack.next_site(site),
-                                                 seeds[site.index], self.noise)
+                                                 seeds[site.index], self.noise, s_next)
                     tangent = _add(tangent, y)
                     if decide and kept == site.index and resume is None:
                         # Keep this record if, with the next site's input (shaped as ``s`` or smaller)
@@ -281,10 +285,21 @@ class GradientGuesser:
         return dict(loss=loss, objective=objective, y_pred=y_pred, d=d, records=records, kept=kept, resume=resume,
                     draws=draws, perturbed_grads=perturbed_grads, regularization_grads=regularization)
 
+    def _shared_next_pre_activation(self, site, s):
+        """The next site's pre-activation for ``one_layer_downstream``'s guess, which that site then uses too.
+
+        ``None`` for other methods, the last site, or when layers other than
+        reshapes stand between (the guess treats those as the identity).
+        """
+        next_site = self.stack.next_site(site)
+        if self.method != m.ONE_LAYER_DOWNSTREAM or next_site is None or not site.exact_next_input:
+            return None
+        return next_site.pre_activation(site.to_next_input(site.activate(s)))
+
     @staticmethod
-    def _site_tangent(site, x, tangent, weight_tangents):
-        """``s = x W + b`` and its tangent ``t_x W + x V_W + V_b`` (``None`` if nothing moves it)."""
-        s = site.pre_activation(x)
+    def _site_tangent(site, x, tangent, weight_tangents, s=None):
+        """``s = x W + b`` (unless given) and its tangent ``t_x W + x V_W + V_b`` (``None`` if nothing moves it)."""
+        s = site.pre_activation(x) if s is None else s
         t_s = None if tangent is None else site.linear(tangent, site.kernel)
         if weight_tangents:
             t_s = _add(t_s, site.linear(x, *weight_tangents))
@@ -324,18 +339,23 @@ class GradientGuesser:
         position, x_in = resume
         first = self.stack.site_of(self.stack.layers[position])
         first_kernel, seeds = after(ds, [tf.convert_to_tensor(first.kernel.value), seeds])
+        ahead, previous = {}, []
 
         def site_update(site, x_in):
             kernel = first_kernel if site is first else site.kernel
-            s = site.linear(x_in, kernel, site.bias)
+            if ahead.get(site.index) is not None:  # computed ahead: it waits for the previous layer's update
+                (s,) = after(previous, [ahead.pop(site.index)])
+            else:
+                s = site.linear(x_in, kernel, site.bias)
             if site not in self.guessed_sites:
                 return site.activate(s)
             next_site = self.stack.next_site(site)
+            s_next = ahead[site.index + 1] = self._shared_next_pre_activation(site, s)
             cotangent = None
             for k, d in enumerate(ds):
-                y, _ = guess(self.method, site, s, next_site, seeds[k, site.index], self.noise)
+                y, _ = guess(self.method, site, s, next_site, seeds[k, site.index], self.noise, s_next)
                 cotangent = _add(cotangent, _times_per_example(d, y))
-            updates = site.weight_update(x_in, cotangent)
+            updates = previous[:] = site.weight_update(x_in, cotangent)
             for v, grad in zip(site.variables, updates):
                 self._accumulate(gradients, v, grad)
             (s,) = after(updates, [s])

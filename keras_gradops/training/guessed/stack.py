@@ -53,6 +53,8 @@ class Site:
         reshapes: the Flatten and Reshape layers between this site and the
             next, which ``weight_transpose`` and ``one_layer_downstream``
             apply (set by :class:`LayerStack` for those methods).
+        exact_next_input: whether those are all the layers between, so that
+            ``to_next_input(activate(s))`` is the next site's real input.
     """
 
     def __init__(self, layer, index):
@@ -63,6 +65,7 @@ class Site:
         self.variables = [self.kernel] + ([self.bias] if self.bias is not None else [])
         self.is_dense = isinstance(layer, keras.layers.Dense)
         self.reshapes = ()
+        self.exact_next_input = False
 
     def to_next_input(self, a):
         """The next site's input as the guesses see it: the output ``a`` through ``self.reshapes``."""
@@ -364,6 +367,7 @@ class LayerStack:
                     )
             site = self._site_of[id(self.layers[first])]
             site.reshapes = tuple(layer for layer in between if isinstance(layer, _RESHAPES))
+            site.exact_next_input = len(site.reshapes) == len(between)
 
     def next_site(self, site):
         """The site after ``site``, or ``None`` for the last one."""
