@@ -222,7 +222,7 @@ def recompute_problem(layer):
 
 
 def layer_problem(layer, method, recompute=False):
-    """Why ``method`` (with ``recompute`` a bool) cannot train ``layer`` in a stack, or ``None`` if it can."""
+    """Why ``method`` cannot train ``layer`` in a stack (run twice if ``recompute``), or ``None`` if it can."""
     if getattr(layer, "activity_regularizer", None) is not None:
         return "its activity_regularizer adds a loss inside the layer call, which a guess cannot see"
     if method == m.BACKPROP:
