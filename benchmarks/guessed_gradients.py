@@ -8,19 +8,28 @@ Three sections (``--sections``, default all):
   the end (mean over ``--cosine-guesses`` guesses on one fixed training batch),
   train and test accuracy. CIFAR-10 with ``--data-dir`` (prepared for
   ``tfds.load(..., download=False)``), else scikit-learn's 8x8 digits.
-- ``speed``: step time of each method relative to a backprop step of the same
-  3x128 MLP (plain ``keras.Model``) at CIFAR-10 size (random data, batch 512):
-  all models built first, then timed interleaved (one step of each per round),
-  the median of the per-round ratios; jit_compile True and False. Target 1.0.
-- ``memory``: peak memory of a training step relative to backprop on a deep
-  wide ReLU MLP, each configuration in ``--memory-repeats`` fresh processes
-  (``guessed_memory_probe.py``), median and range: TensorFlow's executor runs
-  independent ops in a different order from run to run, and the peak follows.
-  Target 0.6 (with ``recompute=True``).
+- ``speed``: step time of each method with default options relative to a
+  backprop step of the same model (plain ``keras.Model``), AdamW, random data:
+  the paper's MLP at CIFAR-10 size (batch 512; targets: directional descent
+  <= 1.0, every activation-space method <= 1.05 under XLA) and a 16x1024 ReLU
+  MLP (batch 512). All models built first, then timed interleaved (one step of
+  each per round): median and quartiles of the per-round ratios; jit_compile
+  True and False. Rows beside the defaults: the wrapper's own backprop step,
+  ``noise="normal"`` (the paper's draws) and ``recompute=True``.
+- ``memory``: depth sweep (``--memory-depths``, default 8,16,32) of ReLU MLPs
+  (``--memory-width`` 1024, ``--memory-batch-size`` 8192, SGD) for backprop
+  and each activation-space method with default options, jit_compile False and
+  True: each configuration and measure in its own fresh process
+  (``guessed_memory_probe.py``), ``--memory-repeats`` processes each,
+  interleaved; the process's peak over the whole ``fit`` (first step, tracing
+  and XLA compilation included) and TensorFlow's allocator peak, as ratios to
+  backprop's (median and range) and growth from depth to depth as a ratio to
+  backprop's growth. Targets: growth <= 0.2x backprop's, peak at 16 layers
+  <= 0.4x backprop's.
 
-    python benchmarks/guessed_gradients.py                       # digits, small memory model
-    python benchmarks/guessed_gradients.py --data-dir /work/shared/tfds --epochs 40 \\
-        --memory-width 2048 --memory-batch-size 4096 --memory-repeats 2   # CIFAR-10, 16x2048 MLP
+    python benchmarks/guessed_gradients.py --sections speed
+    python benchmarks/guessed_gradients.py --sections memory --memory-repeats 3
+    python benchmarks/guessed_gradients.py --sections accuracy --data-dir /work/shared/tfds --epochs 40
 """
 
 import argparse
@@ -38,8 +47,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_gradops as kgo  # noqa: E402
+from guessed_memory_probe import MEASURES  # noqa: E402
 from keras_gradops.data import standardize  # noqa: E402
 from keras_gradops.training.guessed import METHODS  # noqa: E402
+from keras_gradops.training.guessed.methods import ACTIVATION_SPACE_METHODS  # noqa: E402
 
 GUESSING_METHODS = [m for m in METHODS if m != "backprop"]
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -126,81 +137,130 @@ def accuracy_section(args):
 # -- step time -------------------------------------------------------------------------------
 
 
-def speed_section(args):
+def deep_mlp(depth, width, inputs, seed=0):
+    """``depth`` ReLU Dense layers of ``width`` units on ``inputs`` features, then Dense(10)."""
+    keras.utils.set_random_seed(seed)
+    layers = [keras.layers.Dense(width, activation="relu") for _ in range(depth)]
+    return keras.Sequential([keras.Input((inputs,)), *layers, keras.layers.Dense(10)])
+
+
+def speed_configs():
+    """(label, method, options): Keras' step, the wrapper's, every method's defaults, and variations."""
+    configs = [("keras.Model (backprop)", None, {}), ("backprop (same code path)", "backprop", {})]
+    configs += [(m, m, {}) for m in GUESSING_METHODS]
+    configs += [(f"{m}, noise='normal'", m, dict(noise="normal")) for m in GUESSING_METHODS]
+    configs += [(f"{m}, recompute=True", m, dict(recompute=True)) for m in ACTIVATION_SPACE_METHODS]
+    return configs
+
+
+def time_steps(make_net, inputs, batch_size, configs, jit_compile, rounds, warmup):
+    """{label: (median ms, median ratio, first quartile, third quartile)} of interleaved steps."""
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.standard_normal((args.batch_size, 3072)).astype("float32"))
-    y = tf.constant(rng.integers(0, 10, args.batch_size))
-    configs = [("keras.Model (backprop)", None, dict())] + [(m, m, dict()) for m in METHODS]
-    configs += [(f"{m}, rademacher", m, dict(noise="rademacher")) for m in GUESSING_METHODS]
-    configs += [(f"{m} (recompute), {noise}", m, dict(recompute=True, noise=noise))
-                for m in ("activation_perturbation", "weight_transpose") for noise in ("normal", "rademacher")]
-    for jit_compile in (True, False):
-        models = {}
-        for label, method, kwargs in configs:
-            net = mlp(3072)
-            model = net if method is None else kgo.GuessedGradientModel(net, method=method, **kwargs)
-            model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss=LOSS, jit_compile=jit_compile)
-            for _ in range(args.warmup):
-                model.train_on_batch(x, y)
-            models[label] = model
-        times = {label: [] for label in models}
-        for _ in range(args.rounds):
-            for label, model in models.items():
-                start = time.perf_counter()
-                model.train_on_batch(x, y)
-                times[label].append(time.perf_counter() - start)
-        base = np.array(times[configs[0][0]])
-        print(f"\nstep time, 3x128 MLP on 3072 inputs, batch {args.batch_size}, AdamW, jit_compile={jit_compile}: "
-              f"{args.rounds} interleaved rounds, median of per-round ratios to the keras.Model backprop step "
-              "(target <= 1.0); noise normal unless named")
-        print("| method | median ms | ratio to backprop step |")
-        print("|---|---:|---:|")
-        for label in models:
-            ratio = statistics.median(np.array(times[label]) / base)
-            print(f"| {label} | {statistics.median(times[label]) * 1e3:.2f} | {ratio:.3f} |")
+    x = tf.constant(rng.standard_normal((batch_size, inputs)).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, batch_size))
+    models = {}
+    for label, method, options in configs:
+        net = make_net()
+        model = net if method is None else kgo.GuessedGradientModel(net, method=method, **options)
+        model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss=LOSS, jit_compile=jit_compile)
+        for _ in range(warmup):
+            model.train_on_batch(x, y)
+        models[label] = model
+    times = {label: [] for label in models}
+    for _ in range(rounds):
+        for label, model in models.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            times[label].append(time.perf_counter() - start)
+    base = np.array(times[configs[0][0]])
+    table = {}
+    for label, values in times.items():
+        ratios = np.array(values) / base
+        table[label] = (statistics.median(values) * 1e3, statistics.median(ratios),
+                        np.percentile(ratios, 25), np.percentile(ratios, 75))
+    return table
+
+
+def speed_section(args):
+    cases = [
+        ("the paper's MLP (3072-128-128-10)", lambda: mlp(3072), 3072, args.rounds, speed_configs()),
+        (f"{args.deep_depth}x1024 ReLU MLP", lambda: deep_mlp(args.deep_depth, 1024, 1024), 1024,
+         args.deep_rounds, [c for c in speed_configs() if "normal" not in c[0]]),
+    ]
+    for name, make_net, inputs, rounds, configs in cases:
+        tables = {jit: time_steps(make_net, inputs, args.batch_size, configs, jit, rounds, args.warmup)
+                  for jit in (True, False)}
+        print(f"\nstep time, {name}, batch {args.batch_size}, AdamW, random data: {rounds} interleaved rounds, "
+              "median (quartiles) of the per-round ratios to the keras.Model backprop step; default options "
+              "unless named (targets under XLA: directional descent <= 1.0, activation-space methods <= 1.05)")
+        print("| configuration | XLA ms | XLA ratio | no XLA ms | no XLA ratio |")
+        print("|---|---:|---:|---:|---:|")
+        for label, *_ in configs:
+            cells = []
+            for jit in (True, False):
+                ms, ratio, low, high = tables[jit][label]
+                cells += [f"{ms:.2f}", f"{ratio:.3f} ({low:.2f}-{high:.2f})"]
+            print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 # -- memory ----------------------------------------------------------------------------------
 
 
-def memory_section(args):
+def run_probe(args, method, measure, jit_compile, depth):
     probe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guessed_memory_probe.py")
-    # (method, recompute, noise, Grappler's model pruner off)
-    configs = [("keras", False, "normal", False), ("backprop", False, "normal", False),
-               ("directional_descent", False, "normal", False), ("weight_transpose", False, "normal", False)]
-    configs += [(m, True, "normal", False) for m in ("activation_perturbation", "weight_transpose",
-                                                     "one_layer_downstream", "activation_mixing")]
-    configs += [(m, True, "rademacher", False) for m in ("activation_perturbation", "weight_transpose")]
-    configs += [("activation_perturbation", True, noise, True) for noise in ("normal", "rademacher")]
-    results = {}
+    command = [sys.executable, probe, "--method", method, "--measure", measure, "--jit-compile", jit_compile,
+               "--depth", str(depth), "--width", str(args.memory_width), "--batch-size", str(args.memory_batch_size)]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    if result["jit_compile"] != (jit_compile == "true"):
+        raise RuntimeError(f"{method}: Keras did not compile with jit_compile={jit_compile}")
+    return result
+
+
+def _cell(values, base):
+    values = sorted(values)
+    return f"{statistics.median(values) / base:.2f} ({values[0] / base:.2f}-{values[-1] / base:.2f})"
+
+
+def memory_section(args):
+    methods = ["keras"] + list(ACTIVATION_SPACE_METHODS)
+    depths = [int(d) for d in args.memory_depths.split(",")]
+    peaks = {}  # (measure, jit_compile, depth, method) -> [bytes], one per process
+    first = None
     for _ in range(args.memory_repeats):  # interleaved: drift of the machine hits all alike
-        for config in configs:
-            method, recompute, noise, no_pruning = config
-            command = [sys.executable, probe, "--method", method, "--noise", noise, "--depth",
-                       str(args.memory_depth), "--width", str(args.memory_width), "--batch-size",
-                       str(args.memory_batch_size)]
-            command += ["--recompute"] if recompute else []
-            command += ["--disable-model-pruning"] if no_pruning else []
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            results.setdefault(config, []).append(json.loads(output.strip().splitlines()[-1]))
-    base = statistics.median(r["step_bytes"] for r in results[configs[0]])
-    first = results[configs[0]][0]
-    print(f"\npeak memory of a training step, {args.memory_depth}x{args.memory_width} ReLU MLP, batch "
-          f"{args.memory_batch_size}, SGD, jit_compile=False, {args.memory_repeats} processes per configuration "
-          f"(weights {first['weight_bytes'] / MiB:.0f} MiB, one layer's activations "
-          f"{first['activation_bytes'] / MiB:.0f} MiB); ratio = median step peak / median keras step peak "
-          "(target <= 0.6 with recompute)")
-    print("| method | recompute | noise | model pruning | step peak MiB, median (min-max) "
-          "| ratio to keras backprop, median (min-max) |")
-    print("|---|---|---|---|---:|---:|")
-    for (method, recompute, noise, no_pruning), runs in results.items():
-        peaks = sorted(r["step_bytes"] for r in runs)
-        label = "keras.Model (backprop)" if method == "keras" else method
-        noise = "" if method in ("keras", "backprop") else noise
-        median = statistics.median(peaks)
-        print(f"| {label} | {recompute} | {noise} | {'off' if no_pruning else 'on'} | {median / MiB:.0f} "
-              f"({peaks[0] / MiB:.0f}-{peaks[-1] / MiB:.0f}) | {median / base:.2f} "
-              f"({peaks[0] / base:.2f}-{peaks[-1] / base:.2f}) |")
+        for jit_compile in ("false", "true"):
+            for depth in depths:
+                for measure in MEASURES:
+                    for method in methods:
+                        result = run_probe(args, method, measure, jit_compile, depth)
+                        peaks.setdefault((measure, jit_compile, depth, method), []).append(result["peak_bytes"])
+                        first = first or result
+    print(f"\npeak memory of model.fit (first step included), ReLU MLPs {args.memory_width} wide, batch "
+          f"{args.memory_batch_size}, SGD, default options; {args.memory_repeats} fresh processes per configuration "
+          f"and measure (one layer's activations {first['activation_bytes'] / MiB:.0f} MiB). Ratios: median (min-max) "
+          "over processes / backprop's median; growth: (median at this depth - at the previous) / backprop's "
+          "(targets: growth <= 0.2, 16-layer ratio <= 0.4)")
+    for measure in MEASURES:
+        for jit_compile in ("false", "true"):
+            header = " | ".join(f"{d} layers" for d in depths)
+            growth_header = " | ".join(f"growth {a}->{b}" for a, b in zip(depths, depths[1:]))
+            print(f"\n{measure} peak, jit_compile={jit_compile == 'true'}")
+            print(f"| method | {header} | {growth_header} |")
+            print("|---|" + "---:|" * (2 * len(depths) - 1))
+            keras_median = {d: statistics.median(peaks[(measure, jit_compile, d, "keras")]) for d in depths}
+            for method in methods:
+                runs = {d: peaks[(measure, jit_compile, d, method)] for d in depths}
+                median = {d: statistics.median(runs[d]) for d in depths}
+                if method == "keras":
+                    cells = [f"{median[d] / MiB:.0f} MiB ({min(runs[d]) / MiB:.0f}-{max(runs[d]) / MiB:.0f})"
+                             for d in depths]
+                    growth = [f"+{(median[b] - median[a]) / MiB:.0f} MiB" for a, b in zip(depths, depths[1:])]
+                else:
+                    cells = [_cell(runs[d], keras_median[d]) for d in depths]
+                    growth = [f"{(median[b] - median[a]) / (keras_median[b] - keras_median[a]):.2f}"
+                              for a, b in zip(depths, depths[1:])]
+                label = "keras.Model (backprop)" if method == "keras" else method
+                print(f"| {label} | " + " | ".join(cells + growth) + " |")
 
 
 def main():
@@ -214,11 +274,13 @@ def main():
     parser.add_argument("--jit-compile", action="store_true", help="train the accuracy section under XLA")
     parser.add_argument("--noise", default="normal", choices=["normal", "rademacher"],
                         help="the guesses' noise in the accuracy section")
-    parser.add_argument("--rounds", type=int, default=30, help="timed rounds of the speed section")
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds of the speed section (paper's MLP)")
+    parser.add_argument("--deep-rounds", type=int, default=8, help="timed rounds of the deep MLP's step time")
+    parser.add_argument("--deep-depth", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--memory-depth", type=int, default=16)
+    parser.add_argument("--memory-depths", default="8,16,32")
     parser.add_argument("--memory-width", type=int, default=1024)
-    parser.add_argument("--memory-batch-size", type=int, default=2048)
+    parser.add_argument("--memory-batch-size", type=int, default=8192)
     parser.add_argument("--memory-repeats", type=int, default=3, help="processes per memory configuration")
     args = parser.parse_args()
     sections = {"accuracy": accuracy_section, "speed": speed_section, "memory": memory_section}

@@ -118,6 +118,22 @@ def test_activation_space_guess_matches_its_definition(method, noise):
         np.testing.assert_allclose(got.numpy(), (first + second) / 2, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["activation_perturbation", "weight_transpose",
+                                    "one_layer_downstream", "activation_mixing"])
+def test_default_guess_matches_its_definition(method):
+    """GuessedGradientModel(net, method=...) alone: +-1 draws, the update rebuilt in a second pass."""
+    net = hand_mlp()
+    x, y = batch()
+    grads, draws = wrapped(net, method).guess_gradients(x, y, seed=6, return_draws=True)
+    scale = 1 / np.sqrt(len(x)) if method == "activation_mixing" else 1.0
+    signs = np.concatenate([v.numpy().ravel() for v in draws[0].values()])
+    np.testing.assert_allclose(np.unique(signs), [-scale, scale], rtol=1e-6)
+    fb = numpy_forward_backward(net, x, y)
+    expected = update_from_guesses(fb, expected_guesses(method, fb, {k: v.numpy() for k, v in draws[0].items()}))
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("noise", ["normal", "rademacher"])
 def test_directional_descent_is_directional_derivative_times_tangent(noise):
     net = hand_mlp()
@@ -127,6 +143,20 @@ def test_directional_descent_is_directional_derivative_times_tangent(noise):
     true = tape_gradient(net, x, y)
     tangents = [draws[0][v.path].numpy() for v in net.trainable_variables]
     derivative = sum(np.sum(g * v) for g, v in zip(true, tangents))
+    for got, v in zip(grads, tangents):
+        np.testing.assert_allclose(got.numpy(), derivative * v, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "log_softmax"])
+def test_directional_derivative_through_other_activations(activation):
+    """The tangent crosses a layer's own activation by its Jacobian, symmetric or not (log_softmax's is not)."""
+    keras.utils.set_random_seed(7)
+    net = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation=activation),
+                            keras.layers.Dense(2)])
+    x, y = batch()
+    grads, draws = wrapped(net, "directional_descent").guess_gradients(x, y, seed=2, return_draws=True)
+    tangents = [draws[0][v.path].numpy() for v in net.trainable_variables]
+    derivative = sum(np.sum(g * v) for g, v in zip(tape_gradient(net, x, y), tangents))
     for got, v in zip(grads, tangents):
         np.testing.assert_allclose(got.numpy(), derivative * v, rtol=2e-4, atol=1e-6)
 
@@ -198,6 +228,7 @@ UNBIASED_CASES = [
     ("activation_perturbation", normalised_net, (6, 5), SPARSE_CE, "normal"),
     ("directional_descent", hand_mlp, (6, 5), MSE, "rademacher"),
     ("activation_perturbation", conv_net, (4, 5, 5, 2), SPARSE_CE, "rademacher"),
+    ("activation_perturbation", hand_mlp, (6, 5), MSE, None),  # the defaults
 ]
 
 
@@ -228,7 +259,7 @@ def test_the_unbiasedness_check_detects_weight_transpose_bias():
 def test_recompute_gives_the_same_guess(method):
     net = hand_mlp()
     x, y = batch()
-    stored = wrapped(net, method, num_guesses=2)
+    stored = wrapped(net, method, num_guesses=2, recompute=False)
     recomputed = wrapped(net, method, num_guesses=2, recompute=True)
     seed = tf.constant([9, 9])
     a = tf.function(lambda: stored.guess_gradients(x, y, seed=seed))()
@@ -357,13 +388,14 @@ def conv_kernel_gradient(kernel_shape, stride, padding, x, g):
 def test_conv_sites_guess_by_their_definition(method, padding, mode):
     """y_l = J_act^T (eps K^T), K^T the transposed convolution, and the filter updates, rebuilt in NumPy.
 
-    Under tf.function, XLA and recompute=True too; "unknown_size": Input((None, None, 2)) and a Reshape
-    instead of Flatten.
+    Eager with every layer's guess kept (recompute=False), under tf.function, XLA and recompute=True too
+    ("auto" recomputes here: the first layer's guesses outsize the input); "unknown_size":
+    Input((None, None, 2)) and a Reshape instead of Flatten.
     """
     net = two_conv_net(padding, known_size=mode != "unknown_size")
     rng = np.random.default_rng(7)
     x, y = rng.normal(size=(4, 5, 5, 2)).astype("float32"), rng.normal(size=(4, 3)).astype("float32")
-    model = wrapped(net, method, recompute=mode == "recompute")
+    model = wrapped(net, method, recompute=True if mode == "recompute" else False if mode == "eager" else "auto")
     step = lambda: model.guess_gradients(x, y, seed=[4, 1], return_draws=True)  # noqa: E731
     grads, draws = step() if mode == "eager" else tf.function(step, jit_compile=mode == "xla")()
     draw = {k: v.numpy().astype(np.float64) for k, v in draws[0].items()}

@@ -1,11 +1,11 @@
 """One step's guessed gradient from forward-mode directional derivatives.
 
 For a layer ``s_l = x_l W_l + b_l`` the weight gradient is
-``sum_b x_{l,b}^T (dL/ds_l)_b``; a guess ``y_l`` of ``dL/ds_l`` is injected
-as the forward tangent at ``s_l`` of every layer at once, and one
-``tf.autodiff.ForwardAccumulator`` pass gives each example's directional
-derivative ``d_b = sum_l <dL/ds_l, y_l>_b`` (no backward pass through the
-network, no activations kept for one). Then
+``sum_b x_{l,b}^T (dL/ds_l)_b``; a guess ``y_l`` of ``dL/ds_l`` is added to
+the forward tangent at ``s_l`` of every layer at once, and one forward pass
+with tangents gives each example's directional derivative
+``d_b = sum_l <dL/ds_l, y_l>_b`` (no backward pass through the network, no
+activations kept for one). Then
 
     g_hat(W_l) = x_l^T (d * y_l),   g_hat(b_l) = sum_b d_b y_{l,b}
 
@@ -15,10 +15,10 @@ for ``directional_descent``) get a tangent ``V ~ N(0, I)`` themselves and
 ``g_hat = (sum_b d_b) V`` (Baydin et al. 2022, "Gradients without
 backpropagation").
 
-The tangents enter through one watched scalar ``p = 0`` with tangent 1: each
-layer computes ``s_l + p * y_l``, whose value is ``s_l`` and whose tangent
-gains ``y_l``, so a guess can depend on the forward pass's own values (masks,
-activations) and be drawn only when its layer runs.
+The tangent pass is written out layer by layer: a Dense/Conv2D layer's
+tangent is ``t_s = t_x W + x V_W + V_b + y`` (the layer is linear in its
+input and in its weights) and ``t_a = J_act(s) t_s``; any other layer's
+comes from a ``tf.autodiff.ForwardAccumulator`` around that layer alone.
 
 ``d_b`` is read per example as ``<dL/dy_pred_b, JVP(y_pred)_b>``, with
 ``dL/dy_pred`` from the loss function alone (the network is differentiated
@@ -27,6 +27,20 @@ loss, sample weights and regularizers (whose gradient, local to each weight,
 is added exactly). When a layer mixes the examples (BatchNormalization),
 ``d_b`` is replaced by ``sum_b d_b``, which keeps activation perturbation
 unbiased.
+
+Memory. The update needs each layer's input and guess once ``d`` is known,
+at the end of the pass. Kept, they cost what backprop keeps (every layer's
+activations). The first pass keeps them for the first layers only while
+they fit in the batch's own size (``recompute="auto"``; all with ``False``,
+none with ``True``); a second pass rebuilds every later layer's input and
+guess from the same seeds, updates that layer and moves on. The order
+(:mod:`~keras_gradops.training.guessed.ordering`) makes each layer of the
+first pass wait for its tangent, each draw for its layer, the second pass
+for every ``d`` and each of its layers for the previous layer's update, and
+under XLA keeps the second pass from being merged into the first: alive at
+any time are the weights, the gradient, ``d``, the kept records (at most the
+batch's size) and one or two layers' values, tangents and guesses, whatever
+the depth.
 """
 
 import contextlib
@@ -36,7 +50,8 @@ import tensorflow as tf
 
 from keras_gradops.training.guessed import methods as m
 from keras_gradops.training.guessed.guesses import guess
-from keras_gradops.training.guessed.noise import SITE_STREAM, VARIABLE_STREAM, draw, fold_in
+from keras_gradops.training.guessed.noise import DEFAULT, draw, seed_table
+from keras_gradops.training.guessed.ordering import after
 
 
 @dataclasses.dataclass
@@ -73,24 +88,23 @@ def _times_per_example(d, y):
     return tf.reshape(d, tf.concat([tf.shape(d), tf.ones([y.shape.rank - 1], tf.int32)], 0)) * y
 
 
-def _after(tensors, x):
-    """``x``, available only once every tensor in ``tensors`` (``None`` skipped) is computed.
-
-    The executor runs any op whose inputs are ready; without this, the
-    forward pass runs ahead of its tangents (or of the updates), keeping
-    every layer's activations alive.
-    """
-    tensors = [t for t in tensors if t is not None]
-    if not tensors:
-        return x
-    with tf.control_dependencies(tensors):
-        return tf.identity(x)
+def _example_bytes(x):
+    """Bytes of one example of ``x`` (its first axis is the batch); infinite if a size is unknown."""
+    sizes = x.shape[1:]
+    if None in sizes:
+        return float("inf")
+    size = 1
+    for n in sizes:
+        size *= n
+    return size * x.dtype.size
 
 
 def _add(total, value):
     if value is None:
         return total
-    return value if total is None else total + value
+    if total is None:
+        return value
+    return total + tf.cast(value, total.dtype)
 
 
 class GradientGuesser:
@@ -100,20 +114,22 @@ class GradientGuesser:
         stack: the checked :class:`~keras_gradops.training.guessed.stack.LayerStack`.
         method: one of :data:`~keras_gradops.training.guessed.methods.METHODS`.
         num_guesses: independent guesses averaged per step (one forward pass each).
-        recompute: if ``True``, keep nothing per layer in the first pass; a
-            second forward pass with the same seeds rebuilds each layer's input
-            and guess for its update, layer after layer: activation memory
-            ``O(1)`` in depth for one more forward pass. Control dependencies
-            then make each layer of the first pass wait for the previous
-            layer's tangent, and each layer of the second pass for the previous
-            layer's update, so the executor cannot run ahead and hold
-            activations (this costs some overlap, hence only in this mode).
+        recompute: what the first pass keeps for the updates (see the module
+            docstring): ``False``, every layer's input and guess; ``True``,
+            nothing: a second forward pass with the same seeds rebuilds every
+            layer's input and guess for its update, layer after layer
+            (activation memory ``O(1)`` in depth, one more forward pass);
+            ``"auto"``, the first layers' inputs and guesses while they take
+            no more memory than the batch itself, the rest rebuilt (the
+            paper's 3072-128-128-10 MLP keeps all, a deep MLP of equal widths
+            none). With ``True`` or ``"auto"`` the stack must repeat exactly
+            (no layer drawing random numbers or keeping moving statistics).
         variables: the trainable variables the gradients align with.
-        noise: the distribution of every draw, ``"normal"`` or ``"rademacher"``
+        noise: the distribution of every draw, ``"rademacher"`` or ``"normal"``
             (:mod:`~keras_gradops.training.guessed.noise`).
     """
 
-    def __init__(self, stack, method, num_guesses, recompute, variables, noise="normal"):
+    def __init__(self, stack, method, num_guesses, recompute, variables, noise=DEFAULT):
         self.stack = stack
         self.noise = noise
         self.method = method
@@ -124,6 +140,8 @@ class GradientGuesser:
         self.guessed_sites = stack.sites if method in m.ACTIVATION_SPACE_METHODS else []
         site_variables = {id(v) for site in self.guessed_sites for v in site.variables}
         self.perturbed = [v for v in self.variables if id(v) not in site_variables]
+        # Seed streams: one per site (its guess), then one per perturbed variable (its tangent).
+        self._stream = {id(v): len(stack.sites) + j for j, v in enumerate(self.perturbed)}
 
     def __call__(self, x, loss_fn, seed, training=True, true_gradient=False, record_draws=False):
         """Guesses the gradient of ``loss_fn`` for one batch.
@@ -146,24 +164,27 @@ class GradientGuesser:
         gradients = [None] * len(self.variables)
         true_gradients = None
         passes = []
+        streams = len(self.stack.sites) + len(self.perturbed)
+        seeds = tf.reshape(seed_table(seed, self.num_guesses * streams), [self.num_guesses, streams, 2])
+        kept = None  # how many sites keep their records: decided by the first pass, followed by the others
         for k in range(self.num_guesses):
             tape = tf.GradientTape() if true_gradient and k == 0 else contextlib.nullcontext()
             with tape:
-                result = self._guess_pass(x, loss_fn, fold_in(seed, k), training)
+                result = self._tangent_pass(x, loss_fn, seeds[k], training, kept)
+            kept = result["kept"]
             if true_gradient and k == 0:
                 true_gradients = tape.gradient(result["objective"], self.variables)
             passes.append(result)
-            for v, grad in zip(self.perturbed, result["perturbed_grads"]):
+            for v, grad in result["perturbed_grads"]:
                 self._accumulate(gradients, v, grad)
             for i, grad in enumerate(result["regularization_grads"]):
                 self._accumulate(gradients, self.variables[i], grad)
-        if self.recompute:
-            self._recomputed_site_updates(x, [p["d"] for p in passes], seed, training, gradients)
-        else:
-            for p in passes:
-                for site, x_in, y in p["records"]:
-                    for v, grad in zip(site.variables, site.weight_update(x_in, _times_per_example(p["d"], y))):
-                        self._accumulate(gradients, v, grad)
+        for p in passes:
+            for site, x_in, y in p["records"]:
+                for v, grad in zip(site.variables, site.weight_update(x_in, _times_per_example(p["d"], y))):
+                    self._accumulate(gradients, v, grad)
+        if passes[0]["resume"] is not None:
+            self._recomputed_site_updates(passes[0]["resume"], [p["d"] for p in passes], seeds, training, gradients)
         if self.num_guesses > 1:
             gradients = [None if g is None else g / tf.cast(self.num_guesses, g.dtype) for g in gradients]
         first = passes[0]
@@ -187,47 +208,113 @@ class GradientGuesser:
         gradients = tape.gradient(objective, self.variables)
         return GuessResult(loss=loss, y_pred=y_pred, gradients=gradients, true_gradients=gradients, draws=[{}])
 
-    def _guess_pass(self, x, loss_fn, seed, training):
-        """One forward pass with tangents: the per-example derivative ``d`` and what the update needs."""
-        tangents = [
-            draw(self.noise, fold_in(seed, VARIABLE_STREAM, j), v.shape, v.dtype) for j, v in enumerate(self.perturbed)
-        ]
-        draws = {v.path: t for v, t in zip(self.perturbed, tangents)}
-        records = []
-        probe = tf.zeros((), tf.float32)
+    def _weight_tangents(self, variables, seeds, x, draws):
+        """``V ~ noise`` for each perturbed variable of a layer, drawn once the layer's input ``x`` exists."""
+        tangents = []
+        for v in variables:
+            tangent = draw(self.noise, seeds[self._stream[id(v)]], v.shape, v.dtype, after=[x])
+            draws[v.path] = tangent
+            tangents.append(tangent)
+        return tangents
 
-        def guessed_site(site, x_in):
-            s = site.pre_activation(_after([tangent_of(x_in)], x_in))
-            y, site_draw = guess(self.method, site, s, self.stack.next_site(site),
-                                 fold_in(seed, SITE_STREAM, site.index), self.noise)
-            draws[site.layer.name] = site_draw
-            if not self.recompute:
-                records.append((site, x_in, y))
-            return site.activate(s + tf.cast(probe, s.dtype) * y)
+    def _budget(self, x):
+        """Bytes per example the first pass may keep for the updates (see ``recompute``)."""
+        if self.recompute is False:
+            return float("inf")
+        batch = _example_bytes(x)
+        return 0 if self.recompute is True or batch == float("inf") else batch
 
-        def exact_site(site, x_in):
-            return site.activate(site.pre_activation(_after([tangent_of(x_in)], x_in)))
+    def _tangent_pass(self, x, loss_fn, seeds, training, kept=None):
+        """One forward pass with tangents: the per-example derivative ``d`` and what the update needs.
 
-        site_fn = guessed_site if self.guessed_sites else exact_site
-        accumulator = tf.autodiff.ForwardAccumulator(
-            [probe] + [v.value for v in self.perturbed], [tf.ones(())] + tangents
-        )
-
-        def tangent_of(tensor):
-            # In the memory mode, a layer waits for the previous layer's tangent.
-            return accumulator.jvp(tensor) if self.recompute else None
-
-        with accumulator:
-            y_pred = self.stack.run(x, site_fn, training)
-        y_pred_tangent = accumulator.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        ``seeds[i]`` seeds site ``i``'s guess, then each perturbed variable's tangent. The records
+        ``(site, x_l, y_l)`` of the first ``kept`` guessed sites are kept; with ``kept=None`` this pass
+        decides ``kept`` from the budget, and where the second pass resumes: ``(position, x_l)`` of
+        the first site without a record, or ``None``.
+        """
+        draws, records, perturbed = {}, [], []
+        budget, used, resume = self._budget(x), 0, None
+        decide = kept is None
+        kept = 0 if decide else kept
+        batch = x
+        tangent = None
+        ahead = {}  # site index -> its pre-activation, computed by the previous site's guess
+        for position, layer in enumerate(self.stack.layers):
+            site = self.stack.site_of(layer)
+            variables = [v for v in layer.trainable_variables if id(v) in self._stream]
+            weight_tangents = self._weight_tangents(variables, seeds, x, draws)
+            perturbed += zip(variables, weight_tangents)
+            if site is None:
+                x, tangent = self._layer_forward(layer, x, tangent, variables, weight_tangents, training)
+            else:
+                x_in = x
+                # A pre-activation computed ahead waits for the tangent to reach its layer.
+                given = after([tangent], [ahead.pop(site.index)])[0] if ahead.get(site.index) is not None else None
+                s, tangent = self._site_tangent(site, x, tangent, weight_tangents, given)
+                if site in self.guessed_sites:
+                    s_next = ahead[site.index + 1] = self._shared_next_pre_activation(site, s)
+                    y, draws[layer.name] = guess(self.method, site, s, self.stack.next_site(site),
+                                                 seeds[site.index], self.noise, s_next)
+                    tangent = _add(tangent, y)
+                    if decide and kept == site.index and resume is None:
+                        # Keep this record if, with the next site's input (shaped as ``s`` or smaller)
+                        # to resume from, everything kept stays within the budget.
+                        record = self.num_guesses * ((x_in is not batch) * _example_bytes(x_in) + _example_bytes(s))
+                        last = self.stack.next_site(site) is None
+                        if used + record + (0 if last else _example_bytes(s)) <= budget:
+                            used += record
+                            kept += 1
+                        else:
+                            resume = (position, x_in)
+                    if site.index < kept:
+                        records.append((site, x_in, y))
+                tangent = None if tangent is None else site.push_forward(s, tangent)
+                # The output waits for the tangent: the forward pass cannot run ahead of it, and the
+                # activation can overwrite ``s``, which the tangent needed.
+                (s,) = after([tangent], [s])
+                x = site.activate(s)
+        y_pred = x
         loss, objective, cotangent, regularization = self._loss_head(loss_fn, y_pred)
-        d = _per_example_sum(cotangent * tf.cast(y_pred_tangent, cotangent.dtype))
+        if tangent is None:
+            tangent = tf.zeros_like(y_pred)
+        d = _per_example_sum(cotangent * tf.cast(tangent, cotangent.dtype))
         total = tf.reduce_sum(d)
         if self.stack.couples_examples:
             d = tf.fill(tf.shape(d), total)
-        perturbed_grads = [total * tf.cast(t, tf.float32) for t in tangents]
-        return dict(loss=loss, objective=objective, y_pred=y_pred, d=d, records=records, draws=draws,
-                    perturbed_grads=perturbed_grads, regularization_grads=regularization)
+        perturbed_grads = [(v, total * tf.cast(t, tf.float32)) for v, t in perturbed]
+        return dict(loss=loss, objective=objective, y_pred=y_pred, d=d, records=records, kept=kept, resume=resume,
+                    draws=draws, perturbed_grads=perturbed_grads, regularization_grads=regularization)
+
+    def _shared_next_pre_activation(self, site, s):
+        """The next site's pre-activation for ``one_layer_downstream``'s guess, which that site then uses too.
+
+        ``None`` for other methods, the last site, or when layers other than
+        reshapes stand between (the guess treats those as the identity).
+        """
+        next_site = self.stack.next_site(site)
+        if self.method != m.ONE_LAYER_DOWNSTREAM or next_site is None or not site.exact_next_input:
+            return None
+        return next_site.pre_activation(site.to_next_input(site.activate(s)))
+
+    @staticmethod
+    def _site_tangent(site, x, tangent, weight_tangents, s=None):
+        """``s = x W + b`` (unless given) and its tangent ``t_x W + x V_W + V_b`` (``None`` if nothing moves it)."""
+        s = site.pre_activation(x) if s is None else s
+        t_s = None if tangent is None else site.linear(tangent, site.kernel)
+        if weight_tangents:
+            t_s = _add(t_s, site.linear(x, *weight_tangents))
+        return s, t_s
+
+    @staticmethod
+    def _layer_forward(layer, x, tangent, variables, weight_tangents, training):
+        """Any other layer, with its tangent from a forward accumulator around it alone."""
+        primals = ([x] if tangent is not None else []) + [v.value for v in variables]
+        if not primals:
+            return layer(x, training=training), None
+        tangents = ([tangent] if tangent is not None else []) + weight_tangents
+        with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
+            output = layer(x, training=training)
+        return output, accumulator.jvp(output)
 
     def _loss_head(self, loss_fn, y_pred):
         """``dL/dy_pred`` from the loss alone, and the exact gradient of weight regularizers."""
@@ -241,29 +328,37 @@ class GradientGuesser:
             cotangent = tf.zeros_like(y_pred)
         return loss, objective, cotangent, regularization
 
-    def _recomputed_site_updates(self, x, ds, seed, training, gradients):
-        """Second forward pass: rebuild each layer's input and guesses, update it, move on.
+    def _recomputed_site_updates(self, resume, ds, seeds, training, gradients):
+        """Second forward pass from the first site without a record: rebuild each layer's guesses, update it, move on.
 
-        Control dependencies order it: the pass starts once every ``d`` is
-        known, and a layer runs only after the previous layer's update, so
-        at most one layer's input and guesses are alive at a time.
+        It starts once every ``d`` is known, from new values (to XLA) of the
+        first site's kernel and the seeds, so nothing in it is merged with
+        the first pass; each layer's output waits for its update, so at most
+        one layer's input and guesses are alive at a time.
         """
-        x = _after(ds, x)
-        previous = []
+        position, x_in = resume
+        first = self.stack.site_of(self.stack.layers[position])
+        first_kernel, seeds = after(ds, [tf.convert_to_tensor(first.kernel.value), seeds])
+        ahead, previous = {}, []
 
         def site_update(site, x_in):
-            x_in = _after(previous, x_in)
-            s = site.pre_activation(x_in)
+            kernel = first_kernel if site is first else site.kernel
+            if ahead.get(site.index) is not None:  # computed ahead: it waits for the previous layer's update
+                (s,) = after(previous, [ahead.pop(site.index)])
+            else:
+                s = site.linear(x_in, kernel, site.bias)
+            if site not in self.guessed_sites:
+                return site.activate(s)
             next_site = self.stack.next_site(site)
+            s_next = ahead[site.index + 1] = self._shared_next_pre_activation(site, s)
             cotangent = None
             for k, d in enumerate(ds):
-                site_seed = fold_in(fold_in(seed, k), SITE_STREAM, site.index)
-                y, _ = guess(self.method, site, s, next_site, site_seed, self.noise)
+                y, _ = guess(self.method, site, s, next_site, seeds[k, site.index], self.noise, s_next)
                 cotangent = _add(cotangent, _times_per_example(d, y))
-            updates = site.weight_update(x_in, cotangent)
+            updates = previous[:] = site.weight_update(x_in, cotangent)
             for v, grad in zip(site.variables, updates):
                 self._accumulate(gradients, v, grad)
-            previous[:] = updates
+            (s,) = after(updates, [s])
             return site.activate(s)
 
-        self.stack.run(x, site_update, training)
+        self.stack.run(x_in, site_update, training, start=position)

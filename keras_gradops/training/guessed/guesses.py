@@ -52,21 +52,22 @@ def weight_transpose(site, s, next_site, seed, noise):
     return site.pull_back(s, _transpose_to(site, s, next_site, eps)), eps
 
 
-def one_layer_downstream(site, s, next_site, seed, noise):
+def one_layer_downstream(site, s, next_site, seed, noise, s_next=None):
     """``y = J_act(s)^T ((J_act'(s')^T eps) K_{l+1}^T)``: ``eps`` at the next layer's output.
 
     ``s' = act(s) K_{l+1} + b_{l+1}`` is the next layer's pre-activation
     (after the Flatten/Reshape layers between), so ``eps`` is pulled back
     through that layer's true Jacobian (both activations and ``K_{l+1}``,
-    transposed as in :func:`weight_transpose`). The last layer falls back to
-    activation perturbation.
+    transposed as in :func:`weight_transpose`); a caller that has ``s'``
+    passes it as ``s_next``. The last layer falls back to activation
+    perturbation.
     """
     if next_site is None:
         return activation_perturbation(s, seed, noise)
     a = site.activate(s)
     x_next = site.to_next_input(a)
     eps = _next_layer_noise(x_next, next_site, seed, noise, after=[s])
-    s_next = next_site.pre_activation(x_next)
+    s_next = next_site.pre_activation(x_next) if s_next is None else tf.stop_gradient(s_next)
     return site.pull_back(s, _transpose_to(site, a, next_site, next_site.pull_back(s_next, eps))), eps
 
 
@@ -79,7 +80,7 @@ def activation_mixing(site, s, seed, noise):
     return site.pull_back(s, mixed), mixing
 
 
-def guess(method, site, s, next_site, seed, noise):
+def guess(method, site, s, next_site, seed, noise, s_next=None):
     """The guess of ``method`` for ``site`` at pre-activation ``s`` (no gradient flows into it).
 
     Args:
@@ -89,6 +90,8 @@ def guess(method, site, s, next_site, seed, noise):
         next_site: the next site, or ``None`` for the last.
         seed: the ``[2]`` seed of this site's draws.
         noise: the distribution of the draws, ``"normal"`` or ``"rademacher"``.
+        s_next: for ``one_layer_downstream``, the next site's pre-activation
+            if the caller has it (else it is computed from ``s``).
 
     Returns:
         ``(y, draw)``: ``y`` shaped as ``s``; ``draw`` the random tensor it was made from.
@@ -99,7 +102,7 @@ def guess(method, site, s, next_site, seed, noise):
     elif method == m.WEIGHT_TRANSPOSE:
         y, draw = weight_transpose(site, s, next_site, seed, noise)
     elif method == m.ONE_LAYER_DOWNSTREAM:
-        y, draw = one_layer_downstream(site, s, next_site, seed, noise)
+        y, draw = one_layer_downstream(site, s, next_site, seed, noise, s_next)
     elif method == m.ACTIVATION_MIXING:
         y, draw = activation_mixing(site, s, seed, noise)
     else:

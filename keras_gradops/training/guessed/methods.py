@@ -5,7 +5,7 @@ of ``dL/ds_l`` at each layer's pre-activation ``s_l``, scored by one
 forward-mode directional derivative, replaces backpropagation.
 """
 
-from keras_gradops.training.guessed.noise import DISTRIBUTIONS, NORMAL
+from keras_gradops.training.guessed.noise import DEFAULT, DISTRIBUTIONS, NORMAL
 
 DIRECTIONAL_DESCENT = "directional_descent"
 ACTIVATION_PERTURBATION = "activation_perturbation"
@@ -55,10 +55,10 @@ def validate_num_guesses(num_guesses, method):
 
 
 def validate_recompute(recompute, method):
-    """Returns ``recompute`` if it is a bool that ``method`` can use."""
-    if not isinstance(recompute, bool):
-        raise ValueError(f"`recompute` must be a bool. Received: recompute={recompute!r}")
-    if recompute and method not in ACTIVATION_SPACE_METHODS:
+    """Returns ``recompute`` if it is ``"auto"`` or a bool that ``method`` can use."""
+    if not (isinstance(recompute, bool) or (isinstance(recompute, str) and recompute == "auto")):
+        raise ValueError(f"`recompute` must be a bool or 'auto'. Received: recompute={recompute!r}")
+    if recompute is True and method not in ACTIVATION_SPACE_METHODS:
         raise ValueError(
             f"`recompute=True` re-runs the forward pass to rebuild per-layer guesses; method={method!r} "
             f"keeps none (it needs no recomputation). Use it with one of {ACTIVATION_SPACE_METHODS}."
@@ -67,7 +67,14 @@ def validate_recompute(recompute, method):
 
 
 def validate_noise(noise, method):
-    """Returns ``noise`` if it is one of the noise distributions that ``method`` draws from."""
+    """Returns the distribution ``method`` draws from: ``noise``, or the default for ``None``.
+
+    Raises:
+        ValueError: ``noise`` is not one of the distributions, or not ``None``
+            or ``"normal"`` for ``"backprop"`` (which draws nothing).
+    """
+    if noise is None:
+        return DEFAULT
     if noise not in DISTRIBUTIONS:
         raise ValueError(f"`noise` must be one of {DISTRIBUTIONS}. Received: noise={noise!r}")
     if method == BACKPROP and noise != NORMAL:

@@ -27,14 +27,16 @@ class GuessedGradientModel(GradientOpsModel):
 
     Each step guesses ``dL/ds_l`` at every Dense/Conv2D pre-activation ``s_l``
     (Singhal et al., "How to guess a gradient", arXiv 2312.04709), scores all
-    guesses at once with one ``tf.autodiff.ForwardAccumulator`` pass giving
-    each example's directional derivative ``d_b``, and updates
-    ``W_l`` with ``x_l^T (d * y_l)``. Methods:
+    guesses at once with one forward pass carrying tangents, which gives each
+    example's directional derivative ``d_b``, and updates ``W_l`` with
+    ``x_l^T (d * y_l)``. Methods (``V``, ``y``, ``eps`` and ``M`` are drawn
+    from ``noise``, mean 0 and covariance ``I``):
 
-    - ``"directional_descent"``: weight perturbation, tangent ``V ~ N(0, I)``
-      on the weights, ``g_hat = (dL . V) V`` (Baydin et al. 2022).
-    - ``"activation_perturbation"``: ``y_l ~ N(0, I)``; unbiased.
-    - ``"weight_transpose"``: ``y_l = (eps W_{l+1}^T) * 1[s_l > 0]``, ``eps ~ N(0, I)``.
+    - ``"directional_descent"``: weight perturbation, a tangent ``V`` on the
+      weights, ``g_hat = (dL . V) V`` (Baydin et al. 2022).
+    - ``"activation_perturbation"``: ``y_l`` drawn at ``s_l``; unbiased.
+    - ``"weight_transpose"``: ``y_l = (eps W_{l+1}^T) * 1[s_l > 0]``, ``eps``
+      drawn at the next layer's pre-activation.
     - ``"activation_mixing"``: ``y_l = (M act(s_l)) * 1[s_l > 0]``, ``M`` a
       random ``B x B`` mixing of the batch's own outputs. Its expected guess
       is ``C g`` with ``C`` the uncentered second moment of the outputs: feed
@@ -58,31 +60,36 @@ class GuessedGradientModel(GradientOpsModel):
             method supports).
         method: one of the methods above.
         num_guesses: independent guesses averaged per step (one forward pass each).
-        recompute: if ``True``, the update rebuilds each layer's input and guess
-            in a second forward pass (same seeds) instead of keeping them:
-            activation memory ``O(1)`` in depth for one more forward pass.
-            Activation-space methods only; not with layers that draw random
-            numbers or keep moving statistics. The order that keeps memory low
-            is enforced with control dependencies; without XLA, Grappler's
-            model pruner can undo part of it (activation perturbation peaked
-            at 0.6-1.4x a backprop step with it, 0.54x without, see
-            ``benchmarks/guessed_gradients.py``):
-            ``tf.config.optimizer.set_experimental_options({"disable_model_pruning": True})``
-            before the first step turns it off, for the whole process.
+        recompute: where the update gets each layer's input and guess, which
+            it needs once ``d`` is known (activation-space methods):
+            ``"auto"`` (default) keeps those of the first layers while they
+            take no more memory than the batch itself and rebuilds the rest in
+            a second forward pass with the same seeds, layer after layer:
+            activation memory ``O(1)`` in depth, under XLA and without it (the
+            paper's 3072-128-128-10 MLP keeps all, so no second pass; a deep
+            MLP of equal widths keeps none). ``True`` rebuilds every layer,
+            ``False`` keeps every layer (backprop's memory, twice over). A
+            stack with a layer that draws random numbers or keeps moving
+            statistics (Dropout, BatchNormalization) cannot run twice:
+            ``"auto"`` then keeps every layer and ``True`` raises. See
+            :mod:`~keras_gradops.training.guessed.estimator`.
         cosine_diagnostics: if ``True``, log ``cosine_similarity`` and
             ``cosine_similarity/<layer>`` (epoch means) between the guess and
             the true gradient; costs a backward pass per step.
         seed: int seed of the guesses' random draws (``None``: random).
-        noise: the distribution of every random draw: ``"normal"`` (the
-            paper's ``N(0, 1)``) or ``"rademacher"`` (``+-1``, same mean and
-            covariance, so the same expected guess; about 8 times cheaper to
-            draw, see ``benchmarks/guessed_gradients.py``).
+        noise: the distribution of every random draw: ``"rademacher"``
+            (``+-1``; the default, ``None``) or ``"normal"`` (the paper's
+            ``N(0, 1)``, for exact reproduction). Same mean and covariance, so
+            the same expected guess; signs cost a 32nd of a random word each
+            and cut the guessed step's overhead (see
+            ``benchmarks/guessed_gradients.py``).
         **kwargs: :class:`~keras_gradops.GradientOpsModel` arguments (gradient ops, ...).
 
     Raises:
         ValueError: an unknown method, ``num_guesses < 1``, a model that is not
             built, has no trainable weights or holds a layer the method does not
-            support (the message names the methods that do), an unknown ``noise``.
+            support (the message names the methods that do), an unknown
+            ``noise`` or ``recompute``.
 
     Example:
         >>> net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu"),
@@ -93,10 +100,10 @@ class GuessedGradientModel(GradientOpsModel):
         [(3, 4), (4,), (4, 2), (2,)]
     """
 
-    def __init__(self, model, method, num_guesses=1, recompute=False, cosine_diagnostics=False, seed=None,
-                 noise="normal", **kwargs):
+    def __init__(self, model, method, num_guesses=1, recompute="auto", cosine_diagnostics=False, seed=None,
+                 noise=None, **kwargs):
         m.validate_method(method)
-        m.validate_noise(noise, method)
+        distribution = m.validate_noise(noise, method)
         m.validate_num_guesses(num_guesses, method)
         m.validate_recompute(recompute, method)
         if not isinstance(cosine_diagnostics, bool):
@@ -111,6 +118,7 @@ class GuessedGradientModel(GradientOpsModel):
         self.cosine_diagnostics = cosine_diagnostics
         self.seed = seed
         self.noise = noise
+        self._distribution = distribution
         self._stack = stack
         self._guesser = None
         self._seed_generator = keras.random.SeedGenerator(seed, name="guess_seed_generator")
@@ -123,7 +131,8 @@ class GuessedGradientModel(GradientOpsModel):
         """The :class:`~keras_gradops.training.guessed.estimator.GradientGuesser` of this model."""
         if self._guesser is None:
             self._guesser = GradientGuesser(
-                self._stack, self.method, self.num_guesses, self.recompute, self.trainable_variables, self.noise
+                self._stack, self.method, self.num_guesses, self._stack.recompute, self.trainable_variables,
+                self._distribution
             )
         return self._guesser
 

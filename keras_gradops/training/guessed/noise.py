@@ -5,7 +5,10 @@ Grappler would fold) give the same numbers when a forward pass is recomputed,
 and let a test rebuild a guess from the seed. (XLA's kernels turn the same
 seed into other numbers than TensorFlow's own: a guess is reproducible within
 one mode.) The algorithm is Philox: left to ``auto_select``, XLA on CPU picks
-ThreeFry, about 50 times slower here.
+ThreeFry, about 50 times slower here. A draw's ``[2]`` seed is Philox's key
+and the high word of its counter as they are; TensorFlow's
+``tf.random.stateless_*`` would first scramble every seed with one more
+Philox op, which :func:`seed_table` does once for all the seeds of a step.
 
 Two distributions, both with mean 0 and covariance ``I``, so every guess keeps
 its expectation (unbiased methods stay unbiased):
@@ -19,12 +22,14 @@ its expectation (unbiased methods stay unbiased):
 
 import tensorflow as tf
 
-SITE_STREAM = 0
-VARIABLE_STREAM = 1
+from keras_gradops.training.guessed.ordering import after as wait_for
+
 NORMAL = "normal"
 RADEMACHER = "rademacher"
 DISTRIBUTIONS = (NORMAL, RADEMACHER)
+DEFAULT = RADEMACHER
 _ALGORITHM = "philox"
+_PHILOX = tf.random.Algorithm.PHILOX.value
 _BITS = 32
 
 
@@ -33,6 +38,16 @@ def fold_in(seed, *indices):
     for index in indices:
         seed = tf.random.experimental.stateless_fold_in(seed, index, alg=_ALGORITHM)
     return seed
+
+
+def seed_table(seed, count):
+    """``count`` independent ``[2]`` seeds from ``seed`` in one draw: a ``[count, 2]`` int64 tensor.
+
+    One random op for every seed of a step, not a chain of ``fold_in`` per
+    draw: XLA compiles each random op into a few hundred instructions.
+    """
+    return tf.random.stateless_uniform([count, 2], seed=seed, minval=None, maxval=None, dtype=tf.int64,
+                                       alg=_ALGORITHM)
 
 
 def as_seed(seed):
@@ -45,35 +60,55 @@ def as_seed(seed):
     return seed
 
 
-def _rademacher(seed, shape, dtype):
-    """Bit ``k`` of a random word picks the sign: a bool mask, then one full-size float tensor."""
+def _key_counter(seed):
+    """Philox's key (``seed[0]``) and 128-bit counter (high word ``seed[1]``, low word 0) of a draw."""
+    seed = tf.bitcast(tf.cast(seed, tf.int64), tf.uint64)
+    return seed[:1], tf.stack([tf.zeros([], tf.uint64), seed[1]])
+
+
+def _rademacher(key, counter, shape, dtype):
+    """Bit ``k`` of a random word picks the sign: the words' bytes, one bit each, then one float tensor.
+
+    Without XLA the temporaries are a quarter of the output (one byte per
+    sign), not the output's size (an int32 per sign).
+    """
     size = tf.reduce_prod(tf.cast(shape, tf.int32))
-    words = tf.random.stateless_uniform(
-        [(size + _BITS - 1) // _BITS], seed=seed, minval=None, maxval=None, dtype=tf.int32, alg=_ALGORITHM
+    words = tf.raw_ops.StatelessRandomUniformFullIntV2(
+        shape=tf.reshape((size + _BITS - 1) // _BITS, [1]), key=key, counter=counter, alg=_PHILOX, dtype=tf.int32
     )
-    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words[:, None], tf.range(_BITS, dtype=tf.int32)), 1)
-    signs = tf.where(tf.cast(bits, tf.bool), tf.constant(1, dtype), tf.constant(-1, dtype))
+    # XLA fuses the words into the signs and recomputes each word for each of its 32 signs (8M signs
+    # cost 30 ms more than a matmul's operand on this CPU). Its fusion pass does not duplicate an
+    # integer division by a run-time value, so the words are divided by a 1 it cannot see: each word
+    # is then computed once.
+    one = 1 + tf.cast(tf.cast(counter[1], tf.float32) * 0.0, tf.int32)
+    words = words // one
+    octets = tf.bitcast(words, tf.uint8)[..., None]  # [words, 4, 1]
+    bit_of_octet = tf.constant(list(range(8)), tf.uint8)
+    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(octets, bit_of_octet), tf.constant(1, tf.uint8))
+    signs = tf.cast(bits, dtype) * 2 - 1
     return tf.reshape(tf.reshape(signs, [-1])[:size], shape)
 
 
 def draw(distribution, seed, shape, dtype, after=None):
     """Draws of ``distribution`` (mean 0, variance 1), made only once the tensors in ``after`` exist.
 
-    The control dependency keeps the executor from drawing every layer's
-    noise at the start of the step, which would hold it all in memory.
+    The seed waits for ``after``, which keeps the executor (or XLA's
+    scheduler) from drawing every layer's noise at the start of the step,
+    which would hold it all in memory.
 
     Args:
         distribution: ``"normal"`` or ``"rademacher"``.
-        seed: an int64 ``[2]`` seed tensor.
+        seed: an int64 ``[2]`` seed tensor: Philox's key and the high word of
+            its counter (a row of :func:`seed_table`).
         shape: the shape of the draw (a list or a 1-D int tensor).
         dtype: a floating dtype.
         after: tensors that must be computed first.
     """
     if after:
-        # The seed itself waits, so the order does not rest on the StopGradient that ``after``
-        # often is (Grappler's model pruner removes StopGradient nodes).
-        with tf.control_dependencies(after):
-            seed = tf.identity(seed)
+        (seed,) = wait_for(after, [seed])
+    key, counter = _key_counter(seed)
     if distribution == RADEMACHER:
-        return _rademacher(seed, shape, dtype)
-    return tf.random.stateless_normal(shape, seed=seed, dtype=dtype, alg=_ALGORITHM)
+        return _rademacher(key, counter, shape, dtype)
+    return tf.raw_ops.StatelessRandomNormalV2(
+        shape=tf.cast(shape, tf.int32) if isinstance(shape, tf.Tensor) else shape, key=key, counter=counter,
+        alg=_PHILOX, dtype=dtype)

@@ -53,6 +53,8 @@ class Site:
         reshapes: the Flatten and Reshape layers between this site and the
             next, which ``weight_transpose`` and ``one_layer_downstream``
             apply (set by :class:`LayerStack` for those methods).
+        exact_next_input: whether those are all the layers between, so that
+            ``to_next_input(activate(s))`` is the next site's real input.
     """
 
     def __init__(self, layer, index):
@@ -63,6 +65,7 @@ class Site:
         self.variables = [self.kernel] + ([self.bias] if self.bias is not None else [])
         self.is_dense = isinstance(layer, keras.layers.Dense)
         self.reshapes = ()
+        self.exact_next_input = False
 
     def to_next_input(self, a):
         """The next site's input as the guesses see it: the output ``a`` through ``self.reshapes``."""
@@ -77,16 +80,25 @@ class Site:
 
     def pre_activation(self, x):
         """``s = x W + b`` (Dense) or ``conv(x, W) + b`` (Conv2D), in the layer's compute dtype."""
+        return self.linear(x, self.kernel, self.bias)
+
+    def linear(self, x, kernel, bias=None):
+        """``x K + b`` (Dense) or ``conv(x, K) + b`` (Conv2D) for any ``K`` and ``b`` shaped as the weights.
+
+        The layer's map is linear in ``x`` and in ``(K, b)``, so this is also
+        its forward derivative: ``linear(t_x, W)`` along an input tangent,
+        ``linear(x, V_W, V_b)`` along a weight tangent.
+        """
         dtype = self.layer.compute_dtype
         x = keras.ops.cast(x, dtype)
-        kernel = keras.ops.cast(self.kernel, dtype)
+        kernel = keras.ops.cast(kernel, dtype)
         if self.is_dense:
             s = keras.ops.matmul(x, kernel)
         else:
             s = self.layer.convolution_op(x, kernel)
-        if self.bias is None:
+        if bias is None:
             return s
-        bias = keras.ops.cast(self.bias, dtype)
+        bias = keras.ops.cast(bias, dtype)
         if not self.is_dense:
             rank = self.layer.rank
             channels_last = self.layer.data_format == "channels_last"
@@ -104,11 +116,21 @@ class Site:
         if activation is keras.activations.linear:
             return cotangent
         if activation is keras.activations.relu:
-            return cotangent * tf.cast(s > 0, cotangent.dtype)
+            # One kernel, in place in ``cotangent``'s buffer: no mask tensor.
+            return tf.raw_ops.ReluGrad(gradients=cotangent, features=tf.cast(s, cotangent.dtype))
         with tf.GradientTape() as tape:
             tape.watch(s)
             a = activation(s)
         return tape.gradient(a, s, output_gradients=cotangent)
+
+    def push_forward(self, s, tangent):
+        """``J_act(s) tangent``, the forward derivative of the activation: for ReLU ``tangent * 1[s > 0]``."""
+        activation = self.layer.activation
+        if activation in (keras.activations.linear, keras.activations.relu):
+            return self.pull_back(s, tangent)  # a diagonal Jacobian is its own transpose
+        with tf.autodiff.ForwardAccumulator(s, tangent) as accumulator:
+            a = activation(s)
+        return accumulator.jvp(a)
 
     def pre_activation_shape(self, x):
         """The shape of ``s`` for the input ``x``, without computing ``s`` when it is known statically."""
@@ -190,8 +212,17 @@ def _is_recurrent(layer):
                for sub in layer._flatten_layers(include_self=True))
 
 
+def recompute_problem(layer):
+    """Why a second forward pass through ``layer`` would not repeat the first, or ``None``."""
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return "recompute=True runs the forward pass twice and would update its moving statistics twice"
+    if _draws_random_numbers(layer):
+        return "recompute=True runs the forward pass twice and it draws new random numbers each time"
+    return None
+
+
 def layer_problem(layer, method, recompute=False):
-    """Why ``method`` cannot train ``layer`` in a stack, or ``None`` if it can."""
+    """Why ``method`` cannot train ``layer`` in a stack (run twice if ``recompute``), or ``None`` if it can."""
     if getattr(layer, "activity_regularizer", None) is not None:
         return "its activity_regularizer adds a loss inside the layer call, which a guess cannot see"
     if method == m.BACKPROP:
@@ -200,10 +231,8 @@ def layer_problem(layer, method, recompute=False):
         if _is_recurrent(layer):
             return "forward-mode differentiation of a recurrent layer's loop fails inside tf.function"
         return None
-    if recompute and isinstance(layer, keras.layers.BatchNormalization):
-        return "recompute=True runs the forward pass twice and would update its moving statistics twice"
-    if recompute and _draws_random_numbers(layer):
-        return "recompute=True runs the forward pass twice and it draws new random numbers each time"
+    if recompute and recompute_problem(layer) is not None:
+        return recompute_problem(layer)
     if _is_site_layer(layer) or not layer.trainable_weights or isinstance(layer, NORMALIZATION_LAYERS):
         return None
     return "a layer with trainable weights must be Dense, Conv2D or a normalisation layer"
@@ -275,11 +304,16 @@ class LayerStack:
     Args:
         model: a built Sequential or functional stack.
         method: one of :data:`keras_gradops.training.guessed.methods.METHODS`.
-        recompute: whether the forward pass is run twice per step.
+        recompute: ``True``, ``False`` or ``"auto"``, whether (or where) the
+            forward pass may run twice per step (see
+            :class:`~keras_gradops.training.guessed.estimator.GradientGuesser`).
         num_guesses: the guesses averaged per step (one forward pass each).
 
     Attributes:
         layers: the stack's layers in order.
+        recompute: ``recompute``, with ``"auto"`` resolved to ``False`` when
+            the method keeps no per-layer guesses or a layer cannot run twice
+            (it draws random numbers or keeps moving statistics).
         sites: the :class:`Site` of every trainable Dense/Conv2D layer, in order.
         couples_examples: whether a layer mixes the examples of a batch
             (BatchNormalization), so a per-example directional derivative is
@@ -294,6 +328,10 @@ class LayerStack:
         self.layers = stack_layers(model)
         if not model.trainable_weights:
             raise ValueError(f"Model {model.name!r} has no trainable weights: there is no gradient to guess.")
+        if recompute == "auto" and not (method in m.ACTIVATION_SPACE_METHODS and all(
+                recompute_problem(layer) is None for layer in self.layers)):
+            recompute = False
+        self.recompute = recompute
         self.sites = []
         self._site_of = {}
         for layer in self.layers:
@@ -329,14 +367,19 @@ class LayerStack:
                     )
             site = self._site_of[id(self.layers[first])]
             site.reshapes = tuple(layer for layer in between if isinstance(layer, _RESHAPES))
+            site.exact_next_input = len(site.reshapes) == len(between)
 
     def next_site(self, site):
         """The site after ``site``, or ``None`` for the last one."""
         return self.sites[site.index + 1] if site.index + 1 < len(self.sites) else None
 
-    def run(self, x, site_fn, training=True):
-        """Runs the stack on ``x``; each site's output is ``site_fn(site, x_l)``."""
-        for layer in self.layers:
-            site = self._site_of.get(id(layer))
+    def site_of(self, layer):
+        """The :class:`Site` of ``layer``, or ``None`` if it is not a site."""
+        return self._site_of.get(id(layer))
+
+    def run(self, x, site_fn, training=True, start=0):
+        """Runs the stack on ``x`` from layer ``start`` on; each site's output is ``site_fn(site, x_l)``."""
+        for layer in self.layers[start:]:
+            site = self.site_of(layer)
             x = site_fn(site, x) if site is not None else layer(x, training=training)
         return x

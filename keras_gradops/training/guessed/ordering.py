@@ -1,0 +1,75 @@
+"""Execution order of a guessed step, held both under XLA and without it.
+
+A guessed step keeps activation memory ``O(1)`` in depth only if it runs in
+a set order: each layer of the forward pass waits for the previous layer's
+tangent, a random draw waits for the layer that uses it, the recomputing
+pass starts once every directional derivative is known, and each layer of it
+waits for the previous layer's update. Two runtimes need two mechanisms:
+
+- TensorFlow's executor runs an op as soon as its inputs exist: a control
+  dependency makes a value wait (an ``Identity`` with control inputs, which
+  Grappler keeps).
+- XLA drops control dependencies, schedules the whole program by its own
+  memory heuristics (which ran every forward layer before the first
+  tangent) and merges identical computations (common-subexpression
+  elimination), which would fold a recomputed layer back into the first
+  pass and keep it alive. Its optimization barrier does not help on CPU:
+  XLA removes it before the late CSE and the scheduler. A data dependency
+  does both jobs: the value becomes ``value + 0 * w``, ``w`` read from an
+  element of each tensor waited for (``0`` where that is not finite, so
+  nothing but the order changes). XLA folds ``0 * w`` for integers only,
+  so the sum is a new value it must compute after ``w`` and cannot merge
+  with the computation on ``value`` before; the add fuses into the op that
+  makes ``value``.
+
+TensorFlow has no public test for "is this function being compiled by XLA"
+(TF 2.21); this module is the only place that uses the private one and
+fails with a clear error if a TensorFlow version moves it.
+"""
+
+import tensorflow as tf
+
+try:
+    from tensorflow.python.framework.ops import get_default_graph as _get_default_graph
+    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _in_xla_context
+except ImportError as error:  # pragma: no cover - depends on the TensorFlow version
+    raise ImportError(
+        "keras_gradops' guessed gradients need tensorflow.python.ops.control_flow_util."
+        f"GraphOrParentsInXlaContext, as in TensorFlow 2.21; this TensorFlow ({tf.__version__}) "
+        f"does not have it: {error}"
+    ) from error
+
+
+def compiled_by_xla():
+    """Whether the function being traced will be compiled by XLA (``jit_compile=True``)."""
+    return bool(_in_xla_context(_get_default_graph()))
+
+
+def _zero_after(waits):
+    """A float32 zero that XLA can compute only once every tensor in ``waits`` is, and cannot fold."""
+    first = tf.add_n([tf.cast(tf.reshape(w, [-1])[0], tf.float32) for w in waits])
+    return tf.where(tf.math.is_finite(first), first, 0.0) * 0.0
+
+
+def after(waits, values):
+    """``values``, available only once every tensor in ``waits`` (``None`` skipped) is computed.
+
+    Under XLA the returned tensors are also new to it: a computation on them
+    is never merged with the same computation on ``values`` before.
+
+    Args:
+        waits: tensors (or ``None``) to compute first.
+        values: tensors to pass on.
+
+    Returns:
+        A list of tensors equal to ``values``.
+    """
+    waits = [w for w in waits if w is not None]
+    values = list(values)
+    if not waits:
+        return values
+    if compiled_by_xla():
+        zero = _zero_after(waits)
+        return [v + tf.cast(zero, v.dtype) for v in values]
+    with tf.control_dependencies(waits):
+        return [tf.identity(v) for v in values]

@@ -1,0 +1,127 @@
+"""A guessed training step's memory does not grow with depth, under XLA and without it.
+
+Small ReLU MLPs (width 128, batch 2048: one layer's activations are 1 MiB,
+its weights 1/16 of that) at depth 2 and 8, default options, plain
+``keras.Model`` backprop as the reference that must grow (so neither measure
+is blind to activations):
+
+- without XLA, TensorFlow's BFC allocator counts every tensor of the step:
+  its peak over one ``train_step``, in a fresh process (the allocator is
+  chosen when TensorFlow starts);
+- under XLA the allocator does not see XLA's buffers: the compiled
+  program's buffer assignment lists every buffer it allocates
+  (``experimental_get_compiler_ir(...)(stage="optimized_hlo_proto_serialized")``,
+  an ``HloProto``), whose sizes add up to the program's memory.
+
+Six more layers add six layers of activations or more to backprop (7 MiB
+to the allocator's peak, 12 MiB to XLA's buffers here); to a guessed step
+only their gradients (0.4 MiB) and what the allocator's scheduling noise
+adds: the bound is 2 MiB. Every activation-space method runs without XLA;
+under XLA (a compile of about 3 s per program) the two with the most
+machinery of their own.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_gradops import GuessedGradientModel
+
+WIDTH, BATCH, SHALLOW, DEEP = 128, 2048, 2, 8
+LAYER = WIDTH * BATCH * 4  # bytes of one layer's activations
+METHODS = ["activation_perturbation", "weight_transpose", "one_layer_downstream", "activation_mixing"]
+# Under XLA the two with the most machinery of their own: one_layer_downstream (noise at the next layer's
+# output, whose pre-activation it computes ahead for the next layer) and activation_mixing (a B x B matrix).
+XLA_METHODS = ["one_layer_downstream", "activation_mixing"]
+BOUND = 2 * LAYER
+
+_PROBE = r"""
+import json, os, sys
+os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, sys.argv[1])
+import keras, tensorflow as tf
+from test_guessed_memory import BATCH, WIDTH, compiled_step
+peaks = {}
+for method in ["keras"] + json.loads(sys.argv[2]):
+    for depth in json.loads(sys.argv[3]):
+        step, x, y = compiled_step(method, depth, jit_compile=False)
+        step(x, y)
+        runs = []
+        for _ in range(3):
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+            step(x, y)
+            runs.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - before)
+        peaks[f"{method}/{depth}"] = min(runs)
+print(json.dumps(peaks))
+"""
+
+
+def mlp(depth):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((WIDTH,)), *[keras.layers.Dense(WIDTH, activation="relu") for _ in range(depth)],
+                             keras.layers.Dense(10)])
+
+
+def compiled_step(method, depth, jit_compile):
+    """A traced ``train_step`` of ``method`` ("keras": plain backprop) with default options, and a batch."""
+    net = mlp(depth)
+    model = net if method == "keras" else GuessedGradientModel(net, method=method, seed=0)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(BATCH, WIDTH)).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, BATCH))
+    return tf.function(lambda x, y: model.train_step((x, y)), jit_compile=jit_compile), x, y
+
+
+def xla_buffer_bytes(step, x, y):
+    """Total size of the buffers XLA assigns the compiled step (parameters excluded)."""
+    try:
+        from tensorflow.compiler.xla.service import hlo_pb2
+    except ImportError as error:  # the test reads XLA's own proto; TensorFlow 2.21 ships it here
+        pytest.fail(f"tensorflow.compiler.xla.service.hlo_pb2 moved in TensorFlow {tf.__version__}: {error}")
+    tf.function(lambda: step(x, y)).get_concrete_function()  # traced under XLA's context, as fit traces it
+    proto = hlo_pb2.HloProto.FromString(step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo_proto_serialized"))
+    assert proto.HasField("buffer_assignment")
+    return sum(a.size for a in proto.buffer_assignment.buffer_allocations
+               if not (a.is_entry_computation_parameter or a.is_constant or a.is_thread_local))
+
+
+@pytest.fixture(scope="module")
+def allocator_peaks():
+    """Allocator peaks of one step of keras and each method at both depths, from one fresh process."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", _PROBE, here, json.dumps(METHODS), json.dumps([SHALLOW, DEEP])],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_backprop_memory_grows_in_both_measures(allocator_peaks):
+    growth = allocator_peaks[f"keras/{DEEP}"] - allocator_peaks[f"keras/{SHALLOW}"]
+    assert growth > (DEEP - SHALLOW) * LAYER, growth / LAYER
+    xla_growth = xla_buffer_bytes(*compiled_step("keras", DEEP, True)) - xla_buffer_bytes(
+        *compiled_step("keras", SHALLOW, True))
+    assert xla_growth > (DEEP - SHALLOW) * LAYER, xla_growth / LAYER
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_guessed_step_memory_does_not_grow_with_depth_without_xla(allocator_peaks, method):
+    growth = allocator_peaks[f"{method}/{DEEP}"] - allocator_peaks[f"{method}/{SHALLOW}"]
+    assert growth <= BOUND, f"{growth / LAYER:.2f} layers"
+
+
+@pytest.mark.parametrize("method", XLA_METHODS)
+def test_guessed_step_memory_does_not_grow_with_depth_under_xla(method):
+    growth = xla_buffer_bytes(*compiled_step(method, DEEP, True)) - xla_buffer_bytes(
+        *compiled_step(method, SHALLOW, True))
+    assert growth <= BOUND, f"{growth / LAYER:.2f} layers"
