@@ -33,7 +33,11 @@ The other private uses, each a read of state Keras' own subclasses read:
   ``KerasTensor._keras_history`` / ``Operation._inbound_nodes`` (the layer
   graph of a functional model);
 - ``keras.src.export.export_utils.get_input_signature``;
-- ``tf.__internal__.distribute.strategy_supports_no_merge_call``.
+- ``tf.__internal__.distribute.strategy_supports_no_merge_call``;
+- ``tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext``:
+  whether the function being traced will be compiled by XLA (the guessed
+  step orders its work by data dependencies there, control dependencies
+  elsewhere).
 """
 
 import threading
@@ -252,3 +256,17 @@ def input_signature(model):
 def strategy_supports_no_merge_call():
     """Whether the current strategy runs optimizer updates without ``merge_call``."""
     return tf.__internal__.distribute.strategy_supports_no_merge_call()
+
+
+def compiled_by_xla():
+    """Whether the function being traced will be compiled by XLA (``jit_compile=True``)."""
+    try:
+        from tensorflow.python.framework.ops import get_default_graph
+        from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+    except ImportError as error:  # pragma: no cover - depends on the TensorFlow version
+        raise KerasHookError(
+            "keras_gradops' guessed gradients need tensorflow.python.ops.control_flow_util."
+            f"GraphOrParentsInXlaContext, as in TensorFlow 2.21; this TensorFlow ({tf.__version__}) "
+            f"does not have it: {error}"
+        ) from error
+    return bool(GraphOrParentsInXlaContext(get_default_graph()))

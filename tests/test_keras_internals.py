@@ -1,5 +1,8 @@
 """The private Keras hooks: a Keras that stops calling them is an error, never a silent no-op."""
 
+import pathlib
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -59,3 +62,33 @@ def test_an_optimizer_serves_one_wrapper_model():
     second.compile(optimizer=optimizer, loss="mse")
     with pytest.raises(ValueError, match="needs an optimizer of its own"):
         second.fit(np.ones((4, 3)), np.zeros((4, 2)), verbose=0)
+
+
+PRIVATE_USES = re.compile(
+    r"keras\.src|tensorflow\.python|tf\.__internal__|\._(flatten_layers|keras_history|inbound_nodes|loss_tracker|"
+    r"get_variable_index|use_weight_decay|initial_epoch|all_reduce_sum_gradients|clip_gradients|"
+    r"maybe_symbolic_build|momentums|velocities|backend_update_step|distributed_tf_update_step|apply_weight_decay)\b"
+)
+
+
+def test_private_keras_and_tensorflow_names_appear_in_keras_internals_only():
+    package = pathlib.Path(kgo.__file__).parent
+    offenders = [f"{path.relative_to(package)}:{number}: {line.strip()}"
+                 for path in sorted(package.rglob("*.py")) if path.name != "keras_internals.py"
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if PRIVATE_USES.search(line)]
+    assert not offenders, offenders
+    assert PRIVATE_USES.search((package / "keras_internals.py").read_text())  # the pattern does find them
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_compiled_by_xla_tells_which_runtime_traces(jit_compile):
+    seen = []
+
+    @tf.function(jit_compile=jit_compile)
+    def step(x):
+        seen.append(keras_internals.compiled_by_xla())
+        return x + 1
+
+    step(tf.constant(1.0))
+    assert seen == [jit_compile]
+    assert keras_internals.compiled_by_xla() is False  # eager

@@ -48,8 +48,6 @@ import dataclasses
 
 import tensorflow as tf
 
-from keras_gradops.training.guessed import methods as m
-from keras_gradops.training.guessed.guesses import guess
 from keras_gradops.training.guessed.noise import DEFAULT, draw, seed_table
 from keras_gradops.training.guessed.ordering import after
 
@@ -112,7 +110,7 @@ class GradientGuesser:
 
     Args:
         stack: the checked :class:`~keras_gradops.training.guessed.stack.LayerStack`.
-        method: one of :data:`~keras_gradops.training.guessed.methods.METHODS`.
+        method: a :class:`~keras_gradops.training.guessed.methods.GuessingMethod`.
         num_guesses: independent guesses averaged per step (one forward pass each).
         recompute: what the first pass keeps for the updates (see the module
             docstring): ``False``, every layer's input and guess; ``True``,
@@ -137,7 +135,7 @@ class GradientGuesser:
         self.recompute = recompute
         self.variables = list(variables)
         self._position = {id(v): i for i, v in enumerate(self.variables)}
-        self.guessed_sites = stack.sites if method in m.ACTIVATION_SPACE_METHODS else []
+        self.guessed_sites = stack.sites if method.guesses_activations else []
         site_variables = {id(v) for site in self.guessed_sites for v in site.variables}
         self.perturbed = [v for v in self.variables if id(v) not in site_variables]
         # Seed streams: one per site (its guess), then one per perturbed variable (its tangent).
@@ -159,7 +157,7 @@ class GradientGuesser:
             A :class:`GuessResult`.
         """
         x = tf.convert_to_tensor(x)
-        if self.method == m.BACKPROP:
+        if self.method.exact:
             return self._backprop(x, loss_fn, training)
         gradients = [None] * len(self.variables)
         true_gradients = None
@@ -253,7 +251,7 @@ class GradientGuesser:
                 s, tangent = self._site_tangent(site, x, tangent, weight_tangents, given)
                 if site in self.guessed_sites:
                     s_next = ahead[site.index + 1] = self._shared_next_pre_activation(site, s)
-                    y, draws[layer.name] = guess(self.method, site, s, self.stack.next_site(site),
+                    y, draws[layer.name] = self.method.guess(site, s, self.stack.next_site(site),
                                                  seeds[site.index], self.noise, s_next)
                     tangent = _add(tangent, y)
                     if decide and kept == site.index and resume is None:
@@ -292,7 +290,7 @@ class GradientGuesser:
         reshapes stand between (the guess treats those as the identity).
         """
         next_site = self.stack.next_site(site)
-        if self.method != m.ONE_LAYER_DOWNSTREAM or next_site is None or not site.exact_next_input:
+        if not self.method.shares_next_pre_activation or next_site is None or not site.exact_next_input:
             return None
         return next_site.pre_activation(site.to_next_input(site.activate(s)))
 
@@ -353,7 +351,7 @@ class GradientGuesser:
             s_next = ahead[site.index + 1] = self._shared_next_pre_activation(site, s)
             cotangent = None
             for k, d in enumerate(ds):
-                y, _ = guess(self.method, site, s, next_site, seeds[k, site.index], self.noise, s_next)
+                y, _ = self.method.guess(site, s, next_site, seeds[k, site.index], self.noise, s_next)
                 cotangent = _add(cotangent, _times_per_example(d, y))
             updates = previous[:] = site.weight_update(x_in, cotangent)
             for v, grad in zip(site.variables, updates):

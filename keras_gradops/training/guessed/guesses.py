@@ -3,20 +3,34 @@
 Singhal et al., "How to guess a gradient", arXiv 2312.04709, section 3. Every
 guess is a function of the forward pass's values (no gradient) and of random
 draws; ``J_act(s)^T`` is the pull-back through the layer's activation, for
-ReLU the mask ``1[s > 0]``. Each function returns ``(y, draw)``, the draw
-being what a test needs to rebuild ``y``.
+ReLU the mask ``1[s > 0]``. Every guess takes the same arguments (see
+:func:`activation_perturbation`) and returns ``(y, draw)``, the draw being
+what a test needs to rebuild ``y``.
 """
 
 import tensorflow as tf
 
-from keras_gradops.training.guessed import methods as m
 from keras_gradops.training.guessed.noise import draw as draw_noise
 
 
-def activation_perturbation(s, seed, noise):
-    """``y ~ N(0, I)`` shaped as ``s``: unbiased, ``E[<g, y> y] = g``."""
+def _perturbation(s, seed, noise):
     y = draw_noise(noise, seed, tf.shape(s), s.dtype, after=[s])
     return y, y
+
+
+def activation_perturbation(site, s, next_site, seed, noise, s_next=None):
+    """``y ~ N(0, I)`` shaped as ``s``: unbiased, ``E[<g, y> y] = g``.
+
+    Args (shared by every guess):
+        site: the :class:`~keras_gradops.training.guessed.stack.Site`.
+        s: its pre-activation (no gradient flows through it).
+        next_site: the next site, or ``None`` for the last.
+        seed: the ``[2]`` seed of this site's draws.
+        noise: the distribution of the draws, ``"normal"`` or ``"rademacher"``.
+        s_next: the next site's pre-activation if the caller has it (only
+            :func:`one_layer_downstream` uses it).
+    """
+    return _perturbation(s, seed, noise)
 
 
 def _next_layer_noise(x_next, next_site, seed, noise, after):
@@ -39,7 +53,7 @@ def _transpose_to(site, a, next_site, cotangent):
     return tape.gradient(x_next, a, output_gradients=next_site.kernel_transpose(cotangent, x_next))
 
 
-def weight_transpose(site, s, next_site, seed, noise):
+def weight_transpose(site, s, next_site, seed, noise, s_next=None):
     """``y = J_act(s)^T (eps K_{l+1}^T)``, ``eps ~ N(0, I)`` at the next layer's pre-activation.
 
     ``eps K^T`` is ``eps W^T`` for a Dense next layer, the transposed
@@ -47,7 +61,7 @@ def weight_transpose(site, s, next_site, seed, noise):
     back to activation perturbation.
     """
     if next_site is None:
-        return activation_perturbation(s, seed, noise)
+        return _perturbation(s, seed, noise)
     eps = _next_layer_noise(site.to_next_input(s), next_site, seed, noise, after=[s])
     return site.pull_back(s, _transpose_to(site, s, next_site, eps)), eps
 
@@ -63,7 +77,7 @@ def one_layer_downstream(site, s, next_site, seed, noise, s_next=None):
     perturbation.
     """
     if next_site is None:
-        return activation_perturbation(s, seed, noise)
+        return _perturbation(s, seed, noise)
     a = site.activate(s)
     x_next = site.to_next_input(a)
     eps = _next_layer_noise(x_next, next_site, seed, noise, after=[s])
@@ -71,40 +85,10 @@ def one_layer_downstream(site, s, next_site, seed, noise, s_next=None):
     return site.pull_back(s, _transpose_to(site, a, next_site, next_site.pull_back(s_next, eps))), eps
 
 
-def activation_mixing(site, s, seed, noise):
+def activation_mixing(site, s, next_site, seed, noise, s_next=None):
     """``y = J_act(s)^T (M act(s))``, ``M_bc ~ N(0, 1/B)`` mixing the batch's own outputs."""
     batch = tf.shape(s)[0]
     mixing = draw_noise(noise, seed, tf.stack([batch, batch]), s.dtype, after=[s])
     mixing = mixing / tf.sqrt(tf.cast(batch, s.dtype))
     mixed = tf.tensordot(mixing, site.activate(s), axes=[[1], [0]])
     return site.pull_back(s, mixed), mixing
-
-
-def guess(method, site, s, next_site, seed, noise, s_next=None):
-    """The guess of ``method`` for ``site`` at pre-activation ``s`` (no gradient flows into it).
-
-    Args:
-        method: one of the activation-space methods.
-        site: the :class:`~keras_gradops.training.guessed.stack.Site`.
-        s: its pre-activation.
-        next_site: the next site, or ``None`` for the last.
-        seed: the ``[2]`` seed of this site's draws.
-        noise: the distribution of the draws, ``"normal"`` or ``"rademacher"``.
-        s_next: for ``one_layer_downstream``, the next site's pre-activation
-            if the caller has it (else it is computed from ``s``).
-
-    Returns:
-        ``(y, draw)``: ``y`` shaped as ``s``; ``draw`` the random tensor it was made from.
-    """
-    s = tf.stop_gradient(s)
-    if method == m.ACTIVATION_PERTURBATION:
-        y, draw = activation_perturbation(s, seed, noise)
-    elif method == m.WEIGHT_TRANSPOSE:
-        y, draw = weight_transpose(site, s, next_site, seed, noise)
-    elif method == m.ONE_LAYER_DOWNSTREAM:
-        y, draw = one_layer_downstream(site, s, next_site, seed, noise, s_next)
-    elif method == m.ACTIVATION_MIXING:
-        y, draw = activation_mixing(site, s, seed, noise)
-    else:
-        raise ValueError(f"{method!r} makes no per-layer guess; expected one of {m.ACTIVATION_SPACE_METHODS}.")
-    return tf.stop_gradient(y), draw

@@ -5,48 +5,86 @@ of ``dL/ds_l`` at each layer's pre-activation ``s_l``, scored by one
 forward-mode directional derivative, replaces backpropagation.
 """
 
+import dataclasses
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+from keras_gradops.training.guessed import guesses
 from keras_gradops.training.guessed.noise import DEFAULT, DISTRIBUTIONS, NORMAL
 
-DIRECTIONAL_DESCENT = "directional_descent"
-ACTIVATION_PERTURBATION = "activation_perturbation"
-WEIGHT_TRANSPOSE = "weight_transpose"
-ACTIVATION_MIXING = "activation_mixing"
-ONE_LAYER_DOWNSTREAM = "one_layer_downstream"
-BACKPROP = "backprop"
 
-METHODS = (
-    DIRECTIONAL_DESCENT,
-    ACTIVATION_PERTURBATION,
-    WEIGHT_TRANSPOSE,
-    ACTIVATION_MIXING,
-    ONE_LAYER_DOWNSTREAM,
-    BACKPROP,
-)
+@dataclasses.dataclass(frozen=True)
+class GuessingMethod:
+    """One way to estimate the gradient without a backward pass.
 
-# Methods that put a per-example guess at each layer's pre-activation.
-ACTIVATION_SPACE_METHODS = (
-    ACTIVATION_PERTURBATION,
-    WEIGHT_TRANSPOSE,
-    ACTIVATION_MIXING,
-    ONE_LAYER_DOWNSTREAM,
-)
+    Attributes:
+        name: what users pass as ``method=``.
+        layer_guess: for an activation-space method, the function of
+            :mod:`~keras_gradops.training.guessed.guesses` giving each layer's
+            guess ``y_l`` of ``dL/ds_l``; ``None`` for the others.
+        perturbs_weights: the tangent is a random direction of the weights
+            themselves (directional descent): no per-layer guess.
+        exact: the true gradient (backprop, the oracle): no draw at all.
+        uses_next_layer: the guess of a layer is pulled back through the next
+            Dense/Conv2D kernel, so only reshapes may stand between sites.
+        shares_next_pre_activation: the guess needs the next site's
+            pre-activation, which that site can then reuse.
+    """
 
-# Methods whose guess for a layer is pulled back through the next Dense or Conv2D kernel.
-NEXT_LAYER_METHODS = (WEIGHT_TRANSPOSE, ONE_LAYER_DOWNSTREAM)
+    name: str
+    layer_guess: Optional[Callable] = None
+    perturbs_weights: bool = False
+    exact: bool = False
+    uses_next_layer: bool = False
+    shares_next_pre_activation: bool = False
+
+    @property
+    def guesses_activations(self):
+        """Whether the method puts a per-example guess at every layer's pre-activation."""
+        return self.layer_guess is not None
+
+    def guess(self, site, s, next_site, seed, noise, s_next=None):
+        """``(y, draw)``: this method's guess for ``site`` at pre-activation ``s``; no gradient flows into it."""
+        y, draw = self.layer_guess(site, tf.stop_gradient(s), next_site, seed, noise, s_next)
+        return tf.stop_gradient(y), draw
+
+    def __str__(self):
+        return self.name
 
 
-def validate_method(method):
-    """Returns ``method`` if it is one of :data:`METHODS`, else raises ``ValueError``."""
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
-    return method
+DIRECTIONAL_DESCENT = GuessingMethod("directional_descent", perturbs_weights=True)
+ACTIVATION_PERTURBATION = GuessingMethod("activation_perturbation", guesses.activation_perturbation)
+WEIGHT_TRANSPOSE = GuessingMethod("weight_transpose", guesses.weight_transpose, uses_next_layer=True)
+ACTIVATION_MIXING = GuessingMethod("activation_mixing", guesses.activation_mixing)
+ONE_LAYER_DOWNSTREAM = GuessingMethod("one_layer_downstream", guesses.one_layer_downstream, uses_next_layer=True,
+                                      shares_next_pre_activation=True)
+BACKPROP = GuessingMethod("backprop", exact=True)
+
+ALL_METHODS = (DIRECTIONAL_DESCENT, ACTIVATION_PERTURBATION, WEIGHT_TRANSPOSE, ACTIVATION_MIXING, ONE_LAYER_DOWNSTREAM,
+        BACKPROP)
+METHODS = tuple(method.name for method in ALL_METHODS)
+"""The names ``method=`` accepts."""
+
+ACTIVATION_SPACE_METHODS = tuple(method.name for method in ALL_METHODS if method.guesses_activations)
+"""The names of the methods that put a per-example guess at each layer's pre-activation."""
+
+
+def get(method):
+    """The :class:`GuessingMethod` named ``method`` (a name or a method), else ``ValueError``."""
+    if isinstance(method, GuessingMethod):
+        return method
+    for candidate in ALL_METHODS:
+        if method == candidate.name:
+            return candidate
+    raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
 
 
 def validate_num_guesses(num_guesses, method):
-    """Returns ``num_guesses`` if it is an int >= 1 (1 for ``"backprop"``)."""
+    """Returns ``num_guesses`` if it is an int >= 1 (1 for the exact gradient); ``method`` a :class:`GuessingMethod`."""
     if isinstance(num_guesses, bool) or not isinstance(num_guesses, int) or num_guesses < 1:
         raise ValueError(f"`num_guesses` must be an int >= 1. Received: num_guesses={num_guesses!r}")
-    if method == BACKPROP and num_guesses != 1:
+    if method.exact and num_guesses != 1:
         raise ValueError(
             "method='backprop' computes the exact gradient; averaging guesses does not apply. "
             f"Use num_guesses=1. Received: num_guesses={num_guesses}"
@@ -58,9 +96,9 @@ def validate_recompute(recompute, method):
     """Returns ``recompute`` if it is ``"auto"`` or a bool that ``method`` can use."""
     if not (isinstance(recompute, bool) or (isinstance(recompute, str) and recompute == "auto")):
         raise ValueError(f"`recompute` must be a bool or 'auto'. Received: recompute={recompute!r}")
-    if recompute is True and method not in ACTIVATION_SPACE_METHODS:
+    if recompute is True and not method.guesses_activations:
         raise ValueError(
-            f"`recompute=True` re-runs the forward pass to rebuild per-layer guesses; method={method!r} "
+            f"`recompute=True` re-runs the forward pass to rebuild per-layer guesses; method={method.name!r} "
             f"keeps none (it needs no recomputation). Use it with one of {ACTIVATION_SPACE_METHODS}."
         )
     return recompute
@@ -77,7 +115,7 @@ def validate_noise(noise, method):
         return DEFAULT
     if noise not in DISTRIBUTIONS:
         raise ValueError(f"`noise` must be one of {DISTRIBUTIONS}. Received: noise={noise!r}")
-    if method == BACKPROP and noise != NORMAL:
+    if method.exact and noise != NORMAL:
         raise ValueError(
             f"method='backprop' computes the exact gradient and draws no noise. Received: noise={noise!r}"
         )

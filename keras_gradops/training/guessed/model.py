@@ -102,17 +102,18 @@ class GuessedGradientModel(GradientOpsModel):
 
     def __init__(self, model, method, num_guesses=1, recompute="auto", cosine_diagnostics=False, seed=None,
                  noise=None, **kwargs):
-        m.validate_method(method)
-        distribution = m.validate_noise(noise, method)
-        m.validate_num_guesses(num_guesses, method)
-        m.validate_recompute(recompute, method)
+        guessing = m.get(method)
+        distribution = m.validate_noise(noise, guessing)
+        m.validate_num_guesses(num_guesses, guessing)
+        m.validate_recompute(recompute, guessing)
         if not isinstance(cosine_diagnostics, bool):
             raise ValueError(f"`cosine_diagnostics` must be a bool. Received: cosine_diagnostics={cosine_diagnostics!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"`seed` must be an int or None. Received: seed={seed!r}")
-        stack = LayerStack(model, method, recompute, num_guesses) if isinstance(model, keras.Model) else None
+        stack = LayerStack(model, guessing, recompute, num_guesses) if isinstance(model, keras.Model) else None
         super().__init__(model, **kwargs)
-        self.method = method
+        self.method = guessing.name
+        self._guessing = guessing
         self.num_guesses = num_guesses
         self.recompute = recompute
         self.cosine_diagnostics = cosine_diagnostics
@@ -131,7 +132,7 @@ class GuessedGradientModel(GradientOpsModel):
         """The :class:`~keras_gradops.training.guessed.estimator.GradientGuesser` of this model."""
         if self._guesser is None:
             self._guesser = GradientGuesser(
-                self._stack, self.method, self.num_guesses, self._stack.recompute, self.trainable_variables,
+                self._stack, self._guessing, self.num_guesses, self._stack.recompute, self.trainable_variables,
                 self._distribution
             )
         return self._guesser

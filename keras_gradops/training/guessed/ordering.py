@@ -23,26 +23,13 @@ waits for the previous layer's update. Two runtimes need two mechanisms:
   makes ``value``.
 
 TensorFlow has no public test for "is this function being compiled by XLA"
-(TF 2.21); this module is the only place that uses the private one and
-fails with a clear error if a TensorFlow version moves it.
+(TF 2.21): :func:`keras_gradops.keras_internals.compiled_by_xla` reads the
+private one, and fails with a clear error if a TensorFlow version moves it.
 """
 
 import tensorflow as tf
 
-try:
-    from tensorflow.python.framework.ops import get_default_graph as _get_default_graph
-    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _in_xla_context
-except ImportError as error:  # pragma: no cover - depends on the TensorFlow version
-    raise ImportError(
-        "keras_gradops' guessed gradients need tensorflow.python.ops.control_flow_util."
-        f"GraphOrParentsInXlaContext, as in TensorFlow 2.21; this TensorFlow ({tf.__version__}) "
-        f"does not have it: {error}"
-    ) from error
-
-
-def compiled_by_xla():
-    """Whether the function being traced will be compiled by XLA (``jit_compile=True``)."""
-    return bool(_in_xla_context(_get_default_graph()))
+from keras_gradops.keras_internals import compiled_by_xla
 
 
 def _zero_after(waits):

@@ -26,6 +26,7 @@ Normalisation layers' scales and offsets are guessed by weight perturbation
 import keras
 import tensorflow as tf
 
+from keras_gradops.keras_internals import all_layers, node_inputs, producing_layer
 from keras_gradops.training.guessed import methods as m
 
 NORMALIZATION_LAYERS = (
@@ -202,14 +203,14 @@ def _is_site_layer(layer):
 def _draws_random_numbers(layer):
     return any(
         isinstance(value, keras.random.SeedGenerator)
-        for sub in layer._flatten_layers(include_self=True)
+        for sub in all_layers(layer, include_self=True)
         for value in vars(sub).values()
     )
 
 
 def _is_recurrent(layer):
     return any(isinstance(sub, (keras.layers.RNN, keras.layers.Bidirectional))
-               for sub in layer._flatten_layers(include_self=True))
+               for sub in all_layers(layer, include_self=True))
 
 
 def recompute_problem(layer):
@@ -225,9 +226,9 @@ def layer_problem(layer, method, recompute=False):
     """Why ``method`` cannot train ``layer`` in a stack (run twice if ``recompute``), or ``None`` if it can."""
     if getattr(layer, "activity_regularizer", None) is not None:
         return "its activity_regularizer adds a loss inside the layer call, which a guess cannot see"
-    if method == m.BACKPROP:
+    if method.exact:
         return None
-    if method == m.DIRECTIONAL_DESCENT:
+    if method.perturbs_weights:
         if _is_recurrent(layer):
             return "forward-mode differentiation of a recurrent layer's loop fails inside tf.function"
         return None
@@ -239,13 +240,13 @@ def layer_problem(layer, method, recompute=False):
 
 
 def _supporting_methods(layer):
-    return [method for method in m.METHODS if layer_problem(layer, method) is None]
+    return [method for method in m.ALL_METHODS if layer_problem(layer, method) is None]
 
 
 def _unsupported(layer, method, reason, methods=None):
-    methods = _supporting_methods(layer) if methods is None else methods
+    methods = [method.name for method in (_supporting_methods(layer) if methods is None else methods)]
     return ValueError(
-        f"Layer {layer.name!r} ({type(layer).__name__}) is not supported by method={method!r}: {reason}. "
+        f"Layer {layer.name!r} ({type(layer).__name__}) is not supported by method={method.name!r}: {reason}. "
         f"Methods that support it: {', '.join(methods) if methods else 'none'}."
     )
 
@@ -286,8 +287,8 @@ def _chain(model):
     layers = []
     tensor = model.outputs[0]
     while tensor is not model.inputs[0]:
-        layer, node_index, _ = tensor._keras_history
-        inputs = layer._inbound_nodes[node_index].input_tensors
+        layer, node_index = producing_layer(tensor)
+        inputs = node_inputs(layer, node_index)
         if len(inputs) != 1:
             raise ValueError(
                 f"Layer {layer.name!r} of model {model.name!r} takes {len(inputs)} inputs; guessed "
@@ -303,7 +304,7 @@ class LayerStack:
 
     Args:
         model: a built Sequential or functional stack.
-        method: one of :data:`keras_gradops.training.guessed.methods.METHODS`.
+        method: a :class:`~keras_gradops.training.guessed.methods.GuessingMethod`.
         recompute: ``True``, ``False`` or ``"auto"``, whether (or where) the
             forward pass may run twice per step (see
             :class:`~keras_gradops.training.guessed.estimator.GradientGuesser`).
@@ -328,7 +329,7 @@ class LayerStack:
         self.layers = stack_layers(model)
         if not model.trainable_weights:
             raise ValueError(f"Model {model.name!r} has no trainable weights: there is no gradient to guess.")
-        if recompute == "auto" and not (method in m.ACTIVATION_SPACE_METHODS and all(
+        if recompute == "auto" and not (method.guesses_activations and all(
                 recompute_problem(layer) is None for layer in self.layers)):
             recompute = False
         self.recompute = recompute
@@ -343,13 +344,13 @@ class LayerStack:
                 self.sites.append(site)
                 self._site_of[id(layer)] = site
         self.couples_examples = any(isinstance(layer, keras.layers.BatchNormalization) for layer in self.layers)
-        if self.couples_examples and num_guesses > 1 and method != m.BACKPROP:
+        if self.couples_examples and num_guesses > 1 and not method.exact:
             layer = next(la for la in self.layers if isinstance(la, keras.layers.BatchNormalization))
             raise ValueError(
                 f"num_guesses={num_guesses} runs one forward pass per guess; layer {layer.name!r} "
                 "(BatchNormalization) would update its moving statistics once per guess. Use num_guesses=1."
             )
-        if method in m.NEXT_LAYER_METHODS:
+        if method.uses_next_layer:
             self._link_sites(method)
 
     def _link_sites(self, method):
@@ -363,7 +364,7 @@ class LayerStack:
                         layer, method,
                         f"between two Dense/Conv2D layers {method} allows only Flatten, Reshape, Dropout and "
                         "normalisation layers (put activations in the layer's `activation` argument)",
-                        [mm for mm in _supporting_methods(layer) if mm not in m.NEXT_LAYER_METHODS],
+                        [other for other in _supporting_methods(layer) if not other.uses_next_layer],
                     )
             site = self._site_of[id(self.layers[first])]
             site.reshapes = tuple(layer for layer in between if isinstance(layer, _RESHAPES))
