@@ -56,6 +56,26 @@ def small_mlp():
                              keras.layers.Dense(3, name="out")])
 
 
+def numpy_weight_transpose_guess(weights, x, y, draws):
+    """``small_mlp``'s weight-transpose guess under mean squared error, rebuilt in NumPy from its draws.
+
+    ``y_hidden = (eps W_out^T) * 1[s_1 > 0]``, ``y_out`` the draw at the last
+    layer; ``d_b = sum_l <dL/ds_l, y_l>_b``; each layer's update
+    ``x_l^T (d * y_l)`` and its bias's ``sum_b d_b y_l``.
+    """
+    w1, b1, w2, b2 = (np.asarray(w, np.float64) for w in weights)
+    s1 = x @ w1 + b1
+    a1 = np.maximum(s1, 0)
+    s2 = a1 @ w2 + b2
+    g2 = 2 * (s2 - y) / s2.size
+    g1 = (g2 @ w2.T) * (s1 > 0)
+    y1 = (draws["hidden"].numpy() @ w2.T) * (s1 > 0)
+    y2 = draws["out"].numpy().astype(np.float64)
+    d = np.sum(g1 * y1, axis=1) + np.sum(g2 * y2, axis=1)
+    return [x.T @ (d[:, None] * y1), np.sum(d[:, None] * y1, axis=0),
+            a1.T @ (d[:, None] * y2), np.sum(d[:, None] * y2, axis=0)]
+
+
 def test_the_aggregated_gradient_is_clipped_and_logged(scenarios):
     """Replicas see x = [6, 0] and [0, 8]; each gradient is x / 2, the sum [3, 4] has norm 5, clipped to 1."""
     for worker in read(scenarios, "global_clip"):
@@ -126,7 +146,8 @@ def test_guessed_gradients_draw_independent_noise_on_each_worker(scenarios):
     guesses = []
     for task, worker in enumerate(workers):
         x, y = (np.array(t, np.float32) for t in worker["batches"][0])
-        guesses.append([g.numpy() for g in rebuild.guess_gradients(x, y, seed=fold_in(step_seed, task))])
+        _, draws = rebuild.guess_gradients(x, y, seed=fold_in(step_seed, task), return_draws=True)
+        guesses.append(numpy_weight_transpose_guess(initial, x, y, draws[0]))
     for got, w0, g0, g1 in zip(workers[0]["weights"], initial, *guesses):
         assert not np.allclose(g0, g1)  # each worker drew its own noise
         # SGD(0.5) on the sum of the replicas' guesses, each of its loss / 2 replicas.
