@@ -233,6 +233,7 @@ def memory_section(args):
                 for measure in MEASURES:
                     for method in methods:
                         result = run_probe(args, method, measure, jit_compile, depth)
+                        print("probe", json.dumps(result), flush=True)  # each process's figure, as it comes
                         peaks.setdefault((measure, jit_compile, depth, method), []).append(result["peak_bytes"])
                         first = first or result
     print(f"\npeak memory of model.fit (first step included), ReLU MLPs {args.memory_width} wide, batch "

@@ -16,9 +16,8 @@ is blind to activations):
 Six more layers add six layers of activations or more to backprop (7 MiB
 to the allocator's peak, 12 MiB to XLA's buffers here); to a guessed step
 only their gradients (0.4 MiB) and what the allocator's scheduling noise
-adds: the bound is 2 MiB. Every activation-space method runs without XLA;
-under XLA (a compile of about 3 s per program) the two with the most
-machinery of their own.
+adds: the bound is 2 MiB. Every activation-space method, without XLA and
+under it (a compile of about 3 s per program).
 """
 
 import json
@@ -36,9 +35,6 @@ from keras_gradops import GuessedGradientModel
 WIDTH, BATCH, SHALLOW, DEEP = 128, 2048, 2, 8
 LAYER = WIDTH * BATCH * 4  # bytes of one layer's activations
 METHODS = ["activation_perturbation", "weight_transpose", "one_layer_downstream", "activation_mixing"]
-# Under XLA the two with the most machinery of their own: one_layer_downstream (noise at the next layer's
-# output, whose pre-activation it computes ahead for the next layer) and activation_mixing (a B x B matrix).
-XLA_METHODS = ["one_layer_downstream", "activation_mixing"]
 BOUND = 2 * LAYER
 
 _PROBE = r"""
@@ -122,7 +118,7 @@ def test_guessed_step_memory_does_not_grow_with_depth_without_xla(allocator_peak
     assert growth <= BOUND, f"{growth / LAYER:.2f} layers"
 
 
-@pytest.mark.parametrize("method", XLA_METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_guessed_step_memory_does_not_grow_with_depth_under_xla(method):
     growth = xla_buffer_bytes(*compiled_step(method, DEEP, True)) - xla_buffer_bytes(
         *compiled_step(method, SHALLOW, True))
