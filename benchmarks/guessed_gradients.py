@@ -225,12 +225,16 @@ def _cell(values, base):
 def memory_section(args):
     methods = ["keras"] + list(ACTIVATION_SPACE_METHODS)
     depths = [int(d) for d in args.memory_depths.split(",")]
+    measures = args.memory_measures.split(",")
+    unknown = set(measures) - set(MEASURES)
+    if unknown:
+        raise ValueError(f"--memory-measures takes {MEASURES}; got {sorted(unknown)}")
     peaks = {}  # (measure, jit_compile, depth, method) -> [bytes], one per process
     first = None
     for _ in range(args.memory_repeats):  # interleaved: drift of the machine hits all alike
         for jit_compile in ("false", "true"):
             for depth in depths:
-                for measure in MEASURES:
+                for measure in measures:
                     for method in methods:
                         result = run_probe(args, method, measure, jit_compile, depth)
                         print("probe", json.dumps(result), flush=True)  # each process's figure, as it comes
@@ -241,12 +245,11 @@ def memory_section(args):
           f"and measure (one layer's activations {first['activation_bytes'] / MiB:.0f} MiB). Ratios: median (min-max) "
           "over processes / backprop's median; growth: (median at this depth - at the previous) / backprop's "
           "(targets: growth <= 0.2, 16-layer ratio <= 0.4)")
-    for measure in MEASURES:
+    for measure in measures:
         for jit_compile in ("false", "true"):
-            header = " | ".join(f"{d} layers" for d in depths)
-            growth_header = " | ".join(f"growth {a}->{b}" for a, b in zip(depths, depths[1:]))
+            header = [f"{d} layers" for d in depths] + [f"growth {a}->{b}" for a, b in zip(depths, depths[1:])]
             print(f"\n{measure} peak, jit_compile={jit_compile == 'true'}")
-            print(f"| method | {header} | {growth_header} |")
+            print("| method | " + " | ".join(header) + " |")
             print("|---|" + "---:|" * (2 * len(depths) - 1))
             keras_median = {d: statistics.median(peaks[(measure, jit_compile, d, "keras")]) for d in depths}
             for method in methods:
@@ -282,6 +285,7 @@ def main():
     parser.add_argument("--memory-depths", default="8,16,32")
     parser.add_argument("--memory-width", type=int, default=1024)
     parser.add_argument("--memory-batch-size", type=int, default=8192)
+    parser.add_argument("--memory-measures", default=",".join(MEASURES), help="process, allocator or both")
     parser.add_argument("--memory-repeats", type=int, default=3, help="processes per memory configuration")
     args = parser.parse_args()
     sections = {"accuracy": accuracy_section, "speed": speed_section, "memory": memory_section}
