@@ -319,6 +319,29 @@ def test_rademacher_draws_are_independent_fair_signs(jit_compile, shape):
     assert np.max(np.abs(covariance - np.eye(samples.shape[1]))) < 5 / np.sqrt(n)
 
 
+def numpy_splitmix64(z):
+    z = z.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_rademacher_signs_are_the_bits_of_splitmix64_words(jit_compile):
+    """Sign 64 i + k is bit k of splitmix64(key + (i + 1) * WEYL), key from the seed: rebuilt in NumPy."""
+    seed = np.array([-3, 2 ** 40 + 7], np.int64)
+    got = tf.function(lambda s: noise.draw("rademacher", s, [5, 30], tf.float32), jit_compile=jit_compile)(
+        tf.constant(seed)).numpy()
+    weyl = np.uint64(0x9E3779B97F4A7C15)
+    first, second = seed.view(np.uint64)
+    with np.errstate(over="ignore"):
+        key = numpy_splitmix64(np.array([first + numpy_splitmix64(np.array([second + weyl]))[0]]))[0]
+        words = numpy_splitmix64(key + np.arange(1, 4, dtype=np.uint64) * weyl)
+    bits = (words[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)
+    np.testing.assert_array_equal(got.ravel(), (2.0 * bits.ravel()[:150] - 1).astype(np.float32))
+
+
 def test_nested_blocks_are_guessed_layer_by_layer():
     """A Sequential block inside a functional model: the same W^T guess as the flat MLP's, by NumPy."""
     keras.utils.set_random_seed(5)
