@@ -80,8 +80,8 @@ class GuessedGradientModel(GradientOpsModel):
         noise: the distribution of every random draw: ``"rademacher"``
             (``+-1``; the default, ``None``) or ``"normal"`` (the paper's
             ``N(0, 1)``, for exact reproduction). Same mean and covariance, so
-            the same expected guess; signs cost a 32nd of a random word each
-            and cut the guessed step's overhead (see
+            the same expected guess; a 64-bit word gives 64 signs, which
+            cuts the guessed step's overhead (see
             ``benchmarks/guessed_gradients.py``).
         **kwargs: :class:`~keras_gradops.GradientOpsModel` arguments (gradient ops, ...).
 
