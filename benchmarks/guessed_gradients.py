@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_gradops as kgo  # noqa: E402
-from guessed_memory_probe import MEASURES  # noqa: E402
+from guessed_memory_probe import MEASURES, deep_mlp  # noqa: E402
 from keras_gradops.data import standardize  # noqa: E402
 from keras_gradops.training.guessed import METHODS  # noqa: E402
 from keras_gradops.training.guessed.methods import ACTIVATION_SPACE_METHODS  # noqa: E402
@@ -135,13 +135,6 @@ def accuracy_section(args):
 
 
 # -- step time -------------------------------------------------------------------------------
-
-
-def deep_mlp(depth, width, inputs, seed=0):
-    """``depth`` ReLU Dense layers of ``width`` units on ``inputs`` features, then Dense(10)."""
-    keras.utils.set_random_seed(seed)
-    layers = [keras.layers.Dense(width, activation="relu") for _ in range(depth)]
-    return keras.Sequential([keras.Input((inputs,)), *layers, keras.layers.Dense(10)])
 
 
 def speed_configs():

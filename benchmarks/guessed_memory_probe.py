@@ -41,6 +41,18 @@ def parse_args():
     return parser.parse_args()
 
 
+def deep_mlp(depth, width, inputs, seed=0):
+    """``depth`` ReLU Dense layers of ``width`` units on ``inputs`` features, then Dense(10).
+
+    Imports Keras when called: this module is imported before TensorFlow may start.
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    layers = [keras.layers.Dense(width, activation="relu") for _ in range(depth)]
+    return keras.Sequential([keras.Input((inputs,)), *layers, keras.layers.Dense(10)])
+
+
 def resident_bytes():
     """(current, peak) resident bytes of this process, from /proc/self/status."""
     fields = {}
@@ -62,9 +74,7 @@ def main():
 
     import keras_gradops as kgo
 
-    keras.utils.set_random_seed(0)
-    layers = [keras.layers.Dense(args.width, activation="relu") for _ in range(args.depth)]
-    net = keras.Sequential([keras.Input((args.width,)), *layers, keras.layers.Dense(10)])
+    net = deep_mlp(args.depth, args.width, args.width)
     model = net if args.method == "keras" else kgo.GuessedGradientModel(net, method=args.method,
                                                                        **json.loads(args.options))
     model.compile(optimizer=keras.optimizers.SGD(1e-3), jit_compile=args.jit_compile == "true",

@@ -88,13 +88,8 @@ def _times_per_example(d, y):
 
 def _example_bytes(x):
     """Bytes of one example of ``x`` (its first axis is the batch); infinite if a size is unknown."""
-    sizes = x.shape[1:]
-    if None in sizes:
-        return float("inf")
-    size = 1
-    for n in sizes:
-        size *= n
-    return size * x.dtype.size
+    size = x.shape[1:].num_elements()
+    return float("inf") if size is None else size * x.dtype.size
 
 
 def _add(total, value):

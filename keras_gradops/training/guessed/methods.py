@@ -61,8 +61,9 @@ ONE_LAYER_DOWNSTREAM = GuessingMethod("one_layer_downstream", guesses.one_layer_
                                       shares_next_pre_activation=True)
 BACKPROP = GuessingMethod("backprop", exact=True)
 
-ALL_METHODS = (DIRECTIONAL_DESCENT, ACTIVATION_PERTURBATION, WEIGHT_TRANSPOSE, ACTIVATION_MIXING, ONE_LAYER_DOWNSTREAM,
-        BACKPROP)
+ALL_METHODS = (
+    DIRECTIONAL_DESCENT, ACTIVATION_PERTURBATION, WEIGHT_TRANSPOSE, ACTIVATION_MIXING, ONE_LAYER_DOWNSTREAM, BACKPROP,
+)
 METHODS = tuple(method.name for method in ALL_METHODS)
 """The names ``method=`` accepts."""
 

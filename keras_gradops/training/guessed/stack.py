@@ -232,8 +232,9 @@ def layer_problem(layer, method, recompute=False):
         if _is_recurrent(layer):
             return "forward-mode differentiation of a recurrent layer's loop fails inside tf.function"
         return None
-    if recompute and recompute_problem(layer) is not None:
-        return recompute_problem(layer)
+    problem = recompute_problem(layer) if recompute else None
+    if problem is not None:
+        return problem
     if _is_site_layer(layer) or not layer.trainable_weights or isinstance(layer, NORMALIZATION_LAYERS):
         return None
     return "a layer with trainable weights must be Dense, Conv2D or a normalisation layer"
