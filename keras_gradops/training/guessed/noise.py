@@ -9,7 +9,7 @@ CPU picks ThreeFry, about 50 times slower here. A normal draw's ``[2]`` seed
 is Philox's key and the high word of its counter as they are; TensorFlow's
 ``tf.random.stateless_*`` would first scramble every seed with one more
 Philox op, which :func:`seed_table` does once for all the seeds of a step.
-Signs come from SplitMix64 words keyed by the seed (:func:`_rademacher`).
+Signs come from SplitMix64 words keyed by the seed (:func:`_rademacher_signs`).
 
 Two distributions, both with mean 0 and covariance ``I``, so every guess keeps
 its expectation (unbiased methods stay unbiased):
@@ -78,8 +78,9 @@ def _splitmix64(z):
     return tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(31, tf.uint64)))
 
 
-def _rademacher(seed, shape, dtype):
-    """Signs from SplitMix64 words: bit ``k`` of word ``i`` is sign ``64 i + k``.
+@tf.function(autograph=False)
+def _rademacher_signs(seed, size, dtype):
+    """``size`` signs from SplitMix64 words: bit ``k`` of word ``i`` is sign ``64 i + k``, a flat tensor.
 
     Word ``i`` is ``splitmix64(key + (i + 1) * WEYL)``, SplitMix64's stream
     from state ``key = splitmix64(seed[0] + splitmix64(seed[1] + WEYL))``
@@ -89,13 +90,14 @@ def _rademacher(seed, shape, dtype):
     grew with depth ~20 times faster than Keras' own step. SplitMix64 is a
     dozen instructions a word and passes BigCrush; 64 signs per word.
 
-    Without XLA the temporaries are an eighth of the output (one byte per
-    sign), not the output's size.
+    Traced once per dtype and called by every draw: a draw adds one call to
+    the step's traced program, not the hundred ops written here (tracing
+    memory grows with the program). Without XLA the temporaries are an
+    eighth of the output (one byte per sign), not the output's size.
     """
-    seed = tf.bitcast(tf.cast(seed, tf.int64), tf.uint64)
+    seed = tf.bitcast(seed, tf.uint64)
     weyl = tf.constant(_WEYL, tf.uint64)
     key = _splitmix64(seed[0] + _splitmix64(seed[1] + weyl))
-    size = tf.reduce_prod(tf.cast(shape, tf.int64))
     count = (size + _SIGNS_PER_WORD - 1) // _SIGNS_PER_WORD
     index = tf.cast(tf.range(1, count + 1, dtype=tf.int64), tf.uint64)
     words = _splitmix64(key + index * weyl)
@@ -108,7 +110,14 @@ def _rademacher(seed, shape, dtype):
     bit_of_octet = tf.constant(list(range(8)), tf.uint8)
     bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(octets, bit_of_octet), tf.constant(1, tf.uint8))
     signs = tf.cast(bits, dtype) * 2 - 1
-    return tf.reshape(tf.reshape(signs, [-1])[:size], shape)
+    return tf.reshape(signs, [-1])[:size]
+
+
+def _size(shape):
+    """The number of elements of a draw shaped ``shape``, an int64 scalar tensor."""
+    if isinstance(shape, tf.Tensor):
+        return tf.reduce_prod(tf.cast(shape, tf.int64))
+    return tf.constant(tf.TensorShape(shape).num_elements(), tf.int64)
 
 
 def draw(distribution, seed, shape, dtype, after=None):
@@ -129,7 +138,7 @@ def draw(distribution, seed, shape, dtype, after=None):
     if after:
         (seed,) = wait_for(after, [seed])
     if distribution == RADEMACHER:
-        return _rademacher(seed, shape, dtype)
+        return tf.reshape(_rademacher_signs(tf.cast(seed, tf.int64), _size(shape), tf.as_dtype(dtype)), shape)
     key, counter = _key_counter(seed)
     return tf.raw_ops.StatelessRandomNormalV2(
         shape=tf.cast(shape, tf.int32) if isinstance(shape, tf.Tensor) else shape, key=key, counter=counter,
