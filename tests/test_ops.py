@@ -76,6 +76,20 @@ def test_global_norm_skips_none_and_counts_sparse_values():
     assert float(ops.global_norm([])) == 0.0
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_global_norm_of_every_rank_and_dtype_matches_numpy(jit_compile):
+    """Scalars, vectors, conv kernels, float16, and a last axis unknown when traced."""
+    arrays = [np.float32(rand(1)[0]), rand(5), rand(3, 3, 2, 4), rand(7, 3).astype(np.float16)]
+    unknown_last = rand(2, 6)
+    norm = tf.function(
+        lambda *g: ops.global_norm(list(g)), jit_compile=jit_compile,
+        input_signature=[tf.TensorSpec(np.shape(a), tf.as_dtype(np.asarray(a).dtype)) for a in arrays]
+        + [tf.TensorSpec([2, None], tf.float32)],
+    )(*[tf.constant(a) for a in arrays], tf.constant(unknown_last))
+    expected = np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64))) for a in arrays + [unknown_last]))
+    np.testing.assert_allclose(float(norm), expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("clip_norm", [0.5, 100.0])
 def test_clip_by_global_norm_matches_numpy_and_returns_pre_clip_norm(clip_norm):
     a, b = rand(3, 2), rand(4)
