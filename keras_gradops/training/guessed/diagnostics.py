@@ -2,6 +2,7 @@
 
 import tensorflow as tf
 
+from keras_gradops.ops import global_norm
 from keras_gradops.ops._dtypes import to_float32
 
 
@@ -24,8 +25,6 @@ def cosine_similarity(guessed, exact):
     pairs = [(to_float32(a), to_float32(b)) for a, b in zip(guessed, exact) if a is not None and b is not None]
     if not pairs:
         return tf.constant(0.0)
-    dot = tf.add_n([tf.reduce_sum(a * b) for a, b in pairs])
-    norm_a = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(a)) for a, _ in pairs]))
-    norm_b = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(b)) for _, b in pairs]))
-    denominator = norm_a * norm_b
+    dot = tf.cast(tf.add_n([tf.reduce_sum(a * b) for a, b in pairs]), tf.float32)
+    denominator = global_norm([a for a, _ in pairs]) * global_norm([b for _, b in pairs])
     return tf.where(denominator > 0, dot / tf.maximum(denominator, 1e-30), 0.0)
