@@ -17,8 +17,9 @@ Three sections (``--sections``, default all):
   of the per-round ratios; jit_compile True and False. A step is
   ``model.train_function(iterator)``, as ``fit`` runs it (``train_on_batch``
   also resets every metric per call, which would charge the wrappers'
-  ``grad_norm`` metric a per-call cost ``fit`` does not have). Rows beside the defaults: the wrapper's own backprop step,
-  ``noise="normal"`` (the paper's draws) and ``recompute=True``.
+  ``grad_norm`` metric a per-call cost ``fit`` does not have). Rows beside
+  the defaults: the wrapper's own backprop step, ``noise="normal"`` (the
+  paper's draws) and ``recompute=True``.
 - ``memory``: depth sweep (``--memory-depths``, default 8,16,32) of ReLU MLPs
   (``--memory-width`` 1024, ``--memory-batch-size`` 8192, SGD) for backprop
   and each activation-space method with default options, jit_compile False and

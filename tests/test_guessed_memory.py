@@ -19,8 +19,9 @@ guessed step only their gradients (0.5 MiB) and what the allocator's
 scheduling noise adds: the bound is 2 MiB. (From depth 2, the shallowest
 stack leaves the executor less to overlap: one_layer_downstream's peak
 went from 5.2-6.1 layers at depth 2 to 6.5-7.0 at depth 8 and 14, a step
-up, not a growth, which a 2-to-8 comparison once read as 2.5 layers.) Every activation-space method, without XLA and
-under it (a compile of about 3 s per program).
+up, not a growth, which a 2-to-8 comparison once read as 2.5 layers.)
+Every activation-space method, without XLA and under it (a compile of
+about 3 s per program).
 """
 
 import json
