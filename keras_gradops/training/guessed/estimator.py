@@ -92,6 +92,11 @@ def _example_bytes(x):
     return float("inf") if size is None else size * x.dtype.size
 
 
+def _made(draws):
+    """``draws`` with every draw given as a function (made only when asked for, see guesses) made."""
+    return {name: draw() if callable(draw) else draw for name, draw in draws.items()}
+
+
 def _add(total, value):
     if value is None:
         return total
@@ -184,7 +189,7 @@ class GradientGuesser:
         return GuessResult(
             loss=first["loss"], y_pred=first["y_pred"], gradients=gradients,
             true_gradients=true_gradients,
-            draws=[p["draws"] for p in passes] if record_draws else None,
+            draws=[_made(p["draws"]) for p in passes] if record_draws else None,
         )
 
     def _accumulate(self, gradients, variable, value):
