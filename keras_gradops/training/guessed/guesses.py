@@ -11,7 +11,7 @@ would otherwise hold it for nothing (the mixing matrix).
 
 import tensorflow as tf
 
-from keras_gradops.training.guessed.noise import draw as draw_noise, fold_in
+from keras_gradops.training.guessed.noise import draw as draw_noise
 from keras_gradops.training.guessed.ordering import after as wait_for
 
 
@@ -90,53 +90,47 @@ def one_layer_downstream(site, s, next_site, seed, noise, s_next=None):
 _MIXING_BLOCK_ELEMENTS = 2**18  # a block of M may take 1 MiB (float32) even when ``s`` is smaller
 
 
-def _mixing_block_rows(s):
-    """Rows of ``M`` drawn at a time: a block no larger than ``s`` (or 2**18 elements), at most the batch."""
-    batch = tf.shape(s)[0]
-    example = tf.reduce_prod(tf.shape(s)[1:])
-    return tf.minimum(batch, tf.maximum(example, (_MIXING_BLOCK_ELEMENTS + batch - 1) // batch))
+@tf.function(autograph=False)
+def _mix(seed, a, rows, zero, noise):
+    """``M a`` for the unscaled ``M ~ noise``, ``B x B``, drawn and applied a block of rows at a time.
 
-
-def _row_blocks(block, count, block_shape, dtype, after):
-    """``concat([block(0), ..., block(count - 1)])`` along the first axis, made one block at a time.
-
-    The blocks are written into a ``[count, *block_shape]`` tensor that a
-    loop carries; its zeros wait for ``after`` (XLA would compute every
-    loop's zeros at the start of the step and hold them all: two layers'
-    worth a layer, measured), and the loop runs one iteration at a time
-    (TensorFlow's executor would run up to ten, each holding its block).
+    ``(M a)_rows = M_rows a``: block ``i`` is rows ``[i r, (i + 1) r)`` of
+    ``M``, ``r = rows``, drawn from ``seed + [0, i]`` (the rows past the
+    batch in the last block are dropped). The products are written
+    into a tensor filled with ``zero``; the caller makes ``zero`` and
+    ``seed`` wait for the layer (else every layer's tensor (XLA) or first
+    block (TensorFlow's executor) is made at the start of the step and held:
+    measured); the loop runs one block at a time (TensorFlow's
+    executor would run ten, each holding its block). A traced function: a
+    call is one op of the step's program, not the loop's hundred.
     """
-    (blocks,) = wait_for(after, [tf.zeros(tf.concat([[count], block_shape], 0), dtype)])
+    batch = tf.shape(a)[0]
+    flat = tf.reshape(a, [batch, -1])
+    blocks = (batch + rows - 1) // rows
 
-    def write(index, blocks):
-        return index + 1, tf.tensor_scatter_nd_update(blocks, [[index]], block(index)[None])
+    def mix_rows(index, mixed):
+        block = draw_noise(noise, seed + tf.cast(tf.stack([0, index]), seed.dtype), tf.stack([rows, batch]), a.dtype)
+        return index + 1, tf.tensor_scatter_nd_update(mixed, [[index]], tf.matmul(block, flat)[None])
 
-    _, blocks = tf.while_loop(lambda index, _: index < count, write, (tf.constant(0), blocks),
-                              parallel_iterations=1)
-    return tf.reshape(blocks, tf.concat([[-1], block_shape[1:]], 0))
+    mixed = tf.fill(tf.stack([blocks, rows, tf.shape(flat)[1]]), zero)
+    _, mixed = tf.while_loop(lambda index, _: index < blocks, mix_rows, (tf.constant(0), mixed),
+                             parallel_iterations=1)
+    return tf.reshape(tf.reshape(mixed, tf.shape(flat) * [0, 1] + [-1, 0])[:batch], tf.shape(a))
 
 
 def activation_mixing(site, s, next_site, seed, noise, s_next=None):
     """``y = J_act(s)^T (M act(s))``, ``M_bc ~ N(0, 1/B)`` mixing the batch's own outputs.
 
     ``M`` is ``B x B``: 256 MiB at batch 8192, more than a layer's
-    activations from batch = width on. It is drawn and applied a block of
-    rows at a time, ``(M act(s))_rows = M_rows act(s)``, each block from its
-    own seed and no larger than ``s`` (or 2**18 elements), so the guess
-    holds about one layer's values at any batch. The draw returned is a
-    function making the whole ``M`` (for a test; a step never calls it).
+    activations from batch = width on. :func:`_mix` draws and applies it a
+    block of rows at a time, so the guess holds about one layer's values at
+    any batch. The draw returned is a function making the whole ``M`` (as
+    ``M I``; for a test, a step never calls it).
     """
     batch = tf.shape(s)[0]
-    rows = _mixing_block_rows(s)
-    blocks = (batch + rows - 1) // rows  # the last block's rows past the batch are dropped
-    a = site.activate(s)
-    (seed,) = wait_for([s], [seed])
+    # Blocks no larger than ``s`` (or 2**18 elements), at most the batch.
+    rows = tf.minimum(batch, tf.maximum(tf.reduce_prod(tf.shape(s)[1:]), (_MIXING_BLOCK_ELEMENTS + batch - 1) // batch))
+    seed, zero = wait_for([s], [seed, tf.zeros([], s.dtype)])
     scale = tf.math.rsqrt(tf.cast(batch, s.dtype))
-
-    def mixing_rows(index):
-        return draw_noise(noise, fold_in(seed, tf.cast(index, tf.int64)), tf.stack([rows, batch]), s.dtype)
-
-    mixed = _row_blocks(lambda index: tf.tensordot(mixing_rows(index), a, axes=[[1], [0]]), blocks,
-                        tf.concat([[rows], tf.shape(s)[1:]], 0), s.dtype, after=[s])
-    y = site.pull_back(s, mixed[:batch] * scale)
-    return y, lambda: _row_blocks(mixing_rows, blocks, tf.stack([rows, batch]), s.dtype, after=[s])[:batch] * scale
+    y = site.pull_back(s, _mix(seed, site.activate(s), rows, zero, noise) * scale)
+    return y, lambda: _mix(seed, tf.eye(batch, dtype=s.dtype), rows, zero, noise) * scale
