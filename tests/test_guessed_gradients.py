@@ -1,16 +1,18 @@
 """The guessed gradients against independent computations.
 
 - the definitions of every method, rebuilt in NumPy from the same random
-  draws on a hand-checkable MLP (per-layer gradients by NumPy backprop);
+  draws on a hand-checkable MLP (per-layer gradients by NumPy backprop),
+  and activation_mixing's matrix at a batch it draws in several row blocks;
 - unbiasedness of directional descent and activation perturbation: the mean
   of many guesses is the tf.GradientTape gradient within 5 standard errors
   estimated from the samples (and weight_transpose, biased, fails that test);
 - the "backprop" oracle equals tf.GradientTape on the wrapped model;
 - recompute=True and XLA give the same guesses;
 - the paper's ordering of cosine similarities at init on a 3x128 MLP;
-- weight_transpose and one_layer_downstream on Conv2D sites (transposed
-  convolutions, Flatten/Reshape between sites), rebuilt in NumPy with the
-  convolution written as a matrix and its filter gradient as loops.
+- weight_transpose, one_layer_downstream (transposed convolutions,
+  Flatten/Reshape between sites) and activation_mixing on Conv2D sites,
+  rebuilt in NumPy with the convolution written as a matrix and its filter
+  gradient as loops.
 """
 
 import numpy as np
@@ -381,7 +383,7 @@ def test_nested_blocks_are_guessed_layer_by_layer():
         np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-6)
 
 
-# -- Conv2D sites in weight_transpose and one_layer_downstream ------------------------------------
+# -- Conv2D sites in weight_transpose, one_layer_downstream and activation_mixing -----------------
 
 
 def two_conv_net(padding, known_size=True):
@@ -427,11 +429,12 @@ def conv_kernel_gradient(kernel_shape, stride, padding, x, g):
     return grad
 
 
-@pytest.mark.parametrize("method", ["weight_transpose", "one_layer_downstream"])
+@pytest.mark.parametrize("method", ["weight_transpose", "one_layer_downstream", "activation_mixing"])
 @pytest.mark.parametrize("padding,mode", [("valid", "eager"), ("same", "xla"), ("same", "recompute"),
                                           ("valid", "unknown_size")])
 def test_conv_sites_guess_by_their_definition(method, padding, mode):
-    """y_l = J_act^T (eps K^T), K^T the transposed convolution, and the filter updates, rebuilt in NumPy.
+    """y_l = J_act^T (eps K^T), K^T the transposed convolution (or J_act^T (M act(s_l)) over each example's
+    whole feature map), and the filter updates, rebuilt in NumPy.
 
     Eager with every layer's guess kept (recompute=False), under tf.function, XLA and recompute=True too
     ("auto" recomputes here: the first layer's guesses outsize the input); "unknown_size":
@@ -458,12 +461,15 @@ def test_conv_sites_guess_by_their_definition(method, padding, mode):
     g3 = 2 * (s3 - y) / s3.size
     g2 = (g3 @ w3.T).reshape(s2.shape) * (s2 > 0)
     g1 = (g2.reshape(batch, -1) @ m2.T).reshape(s1.shape) * (s1 > 0)
-    # The guesses: eps at c2's pre-activation (c1) and at out's (c2), pulled back through K^T.
-    eps1 = draw["c1"] * (s2 > 0) if method == "one_layer_downstream" else draw["c1"]
-    assert draw["c1"].shape == s2.shape and draw["c2"].shape == s3.shape
-    y1 = (eps1.reshape(batch, -1) @ m2.T).reshape(s1.shape) * (s1 > 0)
-    y2 = (draw["c2"] @ w3.T).reshape(s2.shape) * (s2 > 0)
-    y3 = draw["out"]
+    if method == "activation_mixing":  # B x B mixing of the examples' outputs
+        y1, y2, y3 = ((draw[name] @ a.reshape(batch, -1)).reshape(s.shape) * mask
+                      for name, a, s, mask in (("c1", a1, s1, s1 > 0), ("c2", a2, s2, s2 > 0), ("out", s3, s3, 1.0)))
+    else:  # eps at c2's pre-activation (c1) and at out's (c2), pulled back through K^T
+        eps1 = draw["c1"] * (s2 > 0) if method == "one_layer_downstream" else draw["c1"]
+        assert draw["c1"].shape == s2.shape and draw["c2"].shape == s3.shape
+        y1 = (eps1.reshape(batch, -1) @ m2.T).reshape(s1.shape) * (s1 > 0)
+        y2 = (draw["c2"] @ w3.T).reshape(s2.shape) * (s2 > 0)
+        y3 = draw["out"]
     d = sum(np.sum((g * guess).reshape(batch, -1), axis=1) for g, guess in zip((g1, g2, g3), (y1, y2, y3)))
     dy1, dy2, dy3 = (d.reshape(-1, *[1] * (guess.ndim - 1)) * guess for guess in (y1, y2, y3))
     expected = [
