@@ -11,7 +11,7 @@ would otherwise hold it for nothing (the mixing matrix).
 
 import tensorflow as tf
 
-from keras_gradops.training.guessed.noise import draw as draw_noise
+from keras_gradops.training.guessed.noise import draw as draw_noise, sequence_seed
 from keras_gradops.training.guessed.ordering import after as wait_for
 
 
@@ -95,7 +95,7 @@ def _mix(seed, a, rows, zero, noise):
     """``M a`` for the unscaled ``M ~ noise``, ``B x B``, drawn and applied a block of rows at a time.
 
     ``(M a)_rows = M_rows a``: block ``i`` is rows ``[i r, (i + 1) r)`` of
-    ``M``, ``r = rows``, drawn from ``seed + [0, i]`` (the rows past the
+    ``M``, ``r = rows``, drawn from ``sequence_seed(seed, i)`` (the rows past the
     batch in the last block are dropped). The products are written
     into a tensor filled with ``zero``; the caller makes ``zero`` and
     ``seed`` wait for the layer (else every layer's tensor (XLA) or first
@@ -106,16 +106,17 @@ def _mix(seed, a, rows, zero, noise):
     """
     batch = tf.shape(a)[0]
     flat = tf.reshape(a, [batch, -1])
+    width = tf.shape(flat)[1]
     blocks = (batch + rows - 1) // rows
 
     def mix_rows(index, mixed):
-        block = draw_noise(noise, seed + tf.cast(tf.stack([0, index]), seed.dtype), tf.stack([rows, batch]), a.dtype)
+        block = draw_noise(noise, sequence_seed(seed, index), tf.stack([rows, batch]), a.dtype)
         return index + 1, tf.tensor_scatter_nd_update(mixed, [[index]], tf.matmul(block, flat)[None])
 
-    mixed = tf.fill(tf.stack([blocks, rows, tf.shape(flat)[1]]), zero)
+    mixed = tf.fill(tf.stack([blocks, rows, width]), zero)
     _, mixed = tf.while_loop(lambda index, _: index < blocks, mix_rows, (tf.constant(0), mixed),
                              parallel_iterations=1)
-    return tf.reshape(tf.reshape(mixed, tf.shape(flat) * [0, 1] + [-1, 0])[:batch], tf.shape(a))
+    return tf.reshape(tf.reshape(mixed, tf.stack([-1, width]))[:batch], tf.shape(a))
 
 
 def activation_mixing(site, s, next_site, seed, noise, s_next=None):
