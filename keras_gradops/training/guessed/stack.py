@@ -174,8 +174,10 @@ class Site:
         x = tf.cast(x, dtype)
         cotangent = tf.cast(cotangent, dtype)
         if self.is_dense:
-            leading = list(range(len(cotangent.shape) - 1))
-            kernel_grad = tf.tensordot(x, cotangent, axes=[leading, leading])
+            # x^T cotangent over every leading axis, as one matmul that reads x transposed: without
+            # XLA, tensordot made a transposed copy of x (a layer's activations, alive at the peak).
+            kernel_grad = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), tf.reshape(cotangent, [-1, cotangent.shape[-1]]),
+                                    transpose_a=True)
             channel_axis = -1
         else:
             kernel = tf.convert_to_tensor(self.kernel)
