@@ -11,6 +11,7 @@ would otherwise hold it for nothing (the mixing matrix).
 
 import tensorflow as tf
 
+from keras_gradops.keras_internals import compiled_by_xla
 from keras_gradops.training.guessed.noise import draw as draw_noise, sequence_seed
 from keras_gradops.training.guessed.ordering import after as wait_for
 
@@ -87,11 +88,11 @@ def one_layer_downstream(site, s, next_site, seed, noise, s_next=None):
     return site.pull_back(s, _transpose_to(site, a, next_site, next_site.pull_back(s_next, eps))), eps
 
 
-_MIXING_BLOCK_ELEMENTS = 2**18  # a block of M may take 1 MiB (float32) even when ``s`` is smaller
+_MIXING_BLOCK_ELEMENTS = 2**20  # a block of M takes at most 4 MiB (float32), whatever the batch
 
 
 @tf.function(autograph=False)
-def _mix(seed, a, rows, zero, noise):
+def _mix(seed, a, rows, zero, noise, xla):
     """``M a`` for the unscaled ``M ~ noise``, ``B x B``, drawn and applied a block of rows at a time.
 
     ``(M a)_rows = M_rows a``: block ``i`` is rows ``[i r, (i + 1) r)`` of
@@ -102,7 +103,10 @@ def _mix(seed, a, rows, zero, noise):
     block (TensorFlow's executor) is made at the start of the step and held:
     measured); the loop runs one block at a time (TensorFlow's
     executor would run ten, each holding its block). A traced function: a
-    call is one op of the step's program, not the loop's hundred.
+    call is one op of the step's program, not the loop's hundred; ``xla``
+    (the caller's ``compiled_by_xla()``, a Python bool) picks the in-place
+    write each runtime has, and keys the trace (a trace made for one runtime
+    would otherwise be reused by the other).
     """
     batch = tf.shape(a)[0]
     flat = tf.reshape(a, [batch, -1])
@@ -111,12 +115,18 @@ def _mix(seed, a, rows, zero, noise):
 
     def mix_rows(index, mixed):
         block = draw_noise(noise, sequence_seed(seed, index), tf.stack([rows, batch]), a.dtype)
-        return index + 1, tf.tensor_scatter_nd_update(mixed, [[index]], tf.matmul(block, flat)[None])
+        product = tf.matmul(block, flat)
+        if xla:  # XLA updates in place; its strided-slice update needs a constant start
+            return index + 1, tf.tensor_scatter_nd_update(mixed, (index * rows + tf.range(rows))[:, None], product)
+        # TensorFlow's executor copied ``mixed`` for a scatter (two alive: measured); this writes in place.
+        start, end = tf.stack([index * rows, 0]), tf.stack([(index + 1) * rows, width])
+        return index + 1, tf.raw_ops.TensorStridedSliceUpdate(input=mixed, begin=start, end=end, strides=[1, 1],
+                                                              value=product)
 
-    mixed = tf.fill(tf.stack([blocks, rows, width]), zero)
+    mixed = tf.fill(tf.stack([blocks * rows, width]), zero)
     _, mixed = tf.while_loop(lambda index, _: index < blocks, mix_rows, (tf.constant(0), mixed),
                              parallel_iterations=1)
-    return tf.reshape(tf.reshape(mixed, tf.stack([-1, width]))[:batch], tf.shape(a))
+    return tf.reshape(mixed[:batch], tf.shape(a))
 
 
 def activation_mixing(site, s, next_site, seed, noise, s_next=None):
@@ -124,14 +134,15 @@ def activation_mixing(site, s, next_site, seed, noise, s_next=None):
 
     ``M`` is ``B x B``: 256 MiB at batch 8192, more than a layer's
     activations from batch = width on. :func:`_mix` draws and applies it a
-    block of rows at a time, so the guess holds about one layer's values at
-    any batch. The draw returned is a function making the whole ``M`` (as
+    block of at most ``2**20`` entries (``ceil(2**20 / B)`` rows) at a time,
+    so the guess holds the layer's activation and product and one small
+    block at any batch (a block as large as the layer cost XLA's step 1.1
+    more layers of buffers at width 1024, batch 8192: measured). The draw returned is a function making the whole ``M`` (as
     ``M I``; for a test, a step never calls it).
     """
     batch = tf.shape(s)[0]
-    # Blocks no larger than ``s`` (or 2**18 elements), at most the batch.
-    rows = tf.minimum(batch, tf.maximum(tf.reduce_prod(tf.shape(s)[1:]), (_MIXING_BLOCK_ELEMENTS + batch - 1) // batch))
+    rows = tf.minimum(batch, (_MIXING_BLOCK_ELEMENTS + batch - 1) // batch)
     seed, zero = wait_for([s], [seed, tf.zeros([], s.dtype)])
     scale = tf.math.rsqrt(tf.cast(batch, s.dtype))
-    y = site.pull_back(s, _mix(seed, site.activate(s), rows, zero, noise) * scale)
-    return y, lambda: _mix(seed, tf.eye(batch, dtype=s.dtype), rows, zero, noise) * scale
+    y = site.pull_back(s, _mix(seed, site.activate(s), rows, zero, noise, compiled_by_xla()) * scale)
+    return y, lambda: _mix(seed, tf.eye(batch, dtype=s.dtype), rows, zero, noise, compiled_by_xla()) * scale
