@@ -49,7 +49,7 @@ import dataclasses
 import tensorflow as tf
 
 from keras_gradops.training.guessed.noise import DEFAULT, draw, seed_table
-from keras_gradops.training.guessed.ordering import after
+from keras_gradops.training.guessed.ordering import after, executor_after
 
 
 @dataclasses.dataclass
@@ -264,7 +264,9 @@ class GradientGuesser:
                     # Sharing holds the next pre-activation through this guess: one more layer-sized value,
                     # paid only where this layer's record is kept anyway (memory grows with depth there).
                     s_next = ahead[site.index + 1] = self._shared_next_pre_activation(site, s) if keep else None
-                    y, draws[layer.name] = self.method.guess(site, s, self.stack.next_site(site),
+                    # The guess's draws wait for the tangent's matmul (executor: one layer less alive).
+                    (s_guess,) = executor_after([tangent], [s])
+                    y, draws[layer.name] = self.method.guess(site, s_guess, self.stack.next_site(site),
                                                              seeds[site.index], self.noise, s_next)
                     tangent = _add(tangent, y)
                     if keep:
@@ -304,9 +306,14 @@ class GradientGuesser:
 
     @staticmethod
     def _site_tangent(site, x, tangent, weight_tangents, s=None):
-        """``s = x W + b`` (unless given) and its tangent ``t_x W + x V_W + V_b`` (``None`` if nothing moves it)."""
+        """``s = x W + b`` (unless given) and its tangent ``t_x W + x V_W + V_b`` (``None`` if nothing moves it).
+
+        Without XLA the tangent's matmul waits for ``s``: run side by side,
+        ``x``, ``t_x``, ``s`` and ``t_s`` were alive at once (four layers;
+        in turn, three: ``x`` is freed before ``t_x W`` is made).
+        """
         s = site.pre_activation(x) if s is None else s
-        t_s = None if tangent is None else site.linear(tangent, site.kernel)
+        t_s = None if tangent is None else site.linear(executor_after([s], [tangent])[0], site.kernel)
         if weight_tangents:
             t_s = _add(t_s, site.linear(x, *weight_tangents))
         return s, t_s
