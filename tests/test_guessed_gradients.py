@@ -138,21 +138,20 @@ def test_default_guess_matches_its_definition(method):
 
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_mixing_matrix_drawn_in_row_blocks_matches_its_definition(jit_compile):
-    """At batch 2200, M (2200 x 2200) is drawn and applied ceil(2**20 / 2200) = 477 rows at a time,
-    the last of the five blocks part-used (292 rows)."""
+    """At batch 1000, M (1000 x 1000) is drawn and applied 263 rows at a time, the last block part-used."""
     net = hand_mlp()
     rng = np.random.default_rng(3)
-    x, y = rng.normal(size=(2200, 5)).astype("float32"), rng.normal(size=(2200, 2)).astype("float32")
+    x, y = rng.normal(size=(1000, 5)).astype("float32"), rng.normal(size=(1000, 2)).astype("float32")
     model = wrapped(net, "activation_mixing")
     grads, draws = tf.function(lambda: model.guess_gradients(x, y, seed=[4, 1], return_draws=True),
                                jit_compile=jit_compile)()
     mixing = {name: m.numpy() for name, m in draws[0].items()}
     for m in mixing.values():
-        assert m.shape == (2200, 2200)
-        np.testing.assert_allclose(np.unique(m), [-1 / np.sqrt(2200), 1 / np.sqrt(2200)], rtol=1e-6)
+        assert m.shape == (1000, 1000)
+        np.testing.assert_allclose(np.unique(m), [-1 / np.sqrt(1000), 1 / np.sqrt(1000)], rtol=1e-6)
         # Each block has its own signs: a repeated block would agree with the first everywhere.
-        assert 0.45 < np.mean(m[:477] == m[477:954]) < 0.55
-        assert 0.45 < np.mean(m[:292] == m[1908:]) < 0.55  # the last block: 292 rows
+        assert 0.45 < np.mean(m[:263] == m[263:526]) < 0.55
+        assert 0.45 < np.mean(m[:211] == m[789:]) < 0.55  # the last block: 211 rows
     fb = numpy_forward_backward(net, x, y)
     expected = update_from_guesses(fb, expected_guesses("activation_mixing", fb, mixing))
     for got, want in zip(grads, expected):

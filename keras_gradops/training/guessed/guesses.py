@@ -88,7 +88,7 @@ def one_layer_downstream(site, s, next_site, seed, noise, s_next=None):
     return site.pull_back(s, _transpose_to(site, a, next_site, next_site.pull_back(s_next, eps))), eps
 
 
-_MIXING_BLOCK_ELEMENTS = 2**20  # a block of M takes at most 4 MiB (float32), whatever the batch
+_MIXING_BLOCK_ELEMENTS = 2**18  # a block of M may take 1 MiB (float32) even when an eighth of ``s`` is smaller
 
 
 @tf.function(autograph=False)
@@ -134,14 +134,17 @@ def activation_mixing(site, s, next_site, seed, noise, s_next=None):
 
     ``M`` is ``B x B``: 256 MiB at batch 8192, more than a layer's
     activations from batch = width on. :func:`_mix` draws and applies it a
-    block of at most ``2**20`` entries (``ceil(2**20 / B)`` rows) at a time,
-    so the guess holds the layer's activation and product and one small
-    block at any batch (a block as large as the layer cost XLA's step 1.1
-    more layers of buffers at width 1024, batch 8192: measured). The draw returned is a function making the whole ``M`` (as
-    ``M I``; for a test, a step never calls it).
+    block of rows at a time, each an eighth of ``s`` (or ``2**18`` entries
+    if that is more), so the guess holds the layer's activation and product
+    and one small block at any batch. Measured: a block as large as ``s``
+    cost XLA's step 1.1 more layers of buffers at width 1024, batch 8192; a
+    fixed ``2**20`` entries cost four layers at width 128, batch 2048. The
+    draw returned is a function making the whole ``M`` (as ``M I``; for a
+    test, a step never calls it).
     """
     batch = tf.shape(s)[0]
-    rows = tf.minimum(batch, (_MIXING_BLOCK_ELEMENTS + batch - 1) // batch)
+    block = tf.maximum(tf.size(s) // 8, _MIXING_BLOCK_ELEMENTS)
+    rows = tf.minimum(batch, (block + batch - 1) // batch)
     seed, zero = wait_for([s], [seed, tf.zeros([], s.dtype)])
     scale = tf.math.rsqrt(tf.cast(batch, s.dtype))
     y = site.pull_back(s, _mix(seed, site.activate(s), rows, zero, noise, compiled_by_xla()) * scale)
