@@ -115,18 +115,18 @@ def _mix(seed, a, rows, zero, noise, xla):
 
     def mix_rows(index, mixed):
         block = draw_noise(noise, sequence_seed(seed, index), tf.stack([rows, batch]), a.dtype)
-        product = tf.matmul(block, flat)
+        product = tf.matmul(block, flat)[None]
         if xla:  # XLA updates in place; its strided-slice update needs a constant start
-            return index + 1, tf.tensor_scatter_nd_update(mixed, (index * rows + tf.range(rows))[:, None], product)
+            return index + 1, tf.tensor_scatter_nd_update(mixed, [[index]], product)
         # TensorFlow's executor copied ``mixed`` for a scatter (two alive: measured); this writes in place.
-        start, end = tf.stack([index * rows, 0]), tf.stack([(index + 1) * rows, width])
-        return index + 1, tf.raw_ops.TensorStridedSliceUpdate(input=mixed, begin=start, end=end, strides=[1, 1],
+        start, end = tf.stack([index, 0, 0]), tf.stack([index + 1, rows, width])
+        return index + 1, tf.raw_ops.TensorStridedSliceUpdate(input=mixed, begin=start, end=end, strides=[1, 1, 1],
                                                               value=product)
 
-    mixed = tf.fill(tf.stack([blocks * rows, width]), zero)
+    mixed = tf.fill(tf.stack([blocks, rows, width]), zero)
     _, mixed = tf.while_loop(lambda index, _: index < blocks, mix_rows, (tf.constant(0), mixed),
                              parallel_iterations=1)
-    return tf.reshape(mixed[:batch], tf.shape(a))
+    return tf.reshape(tf.reshape(mixed, tf.stack([-1, width]))[:batch], tf.shape(a))
 
 
 def activation_mixing(site, s, next_site, seed, noise, s_next=None):
