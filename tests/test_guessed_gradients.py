@@ -12,7 +12,9 @@
 - weight_transpose, one_layer_downstream (transposed convolutions,
   Flatten/Reshape between sites) and activation_mixing on Conv2D sites,
   rebuilt in NumPy with the convolution written as a matrix and its filter
-  gradient as loops.
+  gradient as loops;
+- a Dense layer's weight update on [batch, time, features] inputs, summed
+  over every leading axis, against NumPy's einsum (eager and XLA).
 """
 
 import numpy as np
@@ -479,3 +481,19 @@ def test_conv_sites_guess_by_their_definition(method, padding, mode):
     ]
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_dense_weight_update_sums_over_every_leading_axis(jit_compile):
+    """A Dense layer on [batch, time, features]: x^T cotangent summed over batch and time, as NumPy's einsum."""
+    from keras_gradops.training.guessed.methods import get
+    from keras_gradops.training.guessed.stack import LayerStack
+
+    keras.utils.set_random_seed(5)
+    net = keras.Sequential([keras.Input((3, 5)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)])
+    site = LayerStack(net, get("activation_perturbation")).sites[0]
+    rng = np.random.default_rng(6)
+    x, cotangent = rng.normal(size=(7, 3, 5)).astype("float32"), rng.normal(size=(7, 3, 4)).astype("float32")
+    kernel_grad, bias_grad = tf.function(site.weight_update, jit_compile=jit_compile)(x, cotangent)
+    np.testing.assert_allclose(kernel_grad.numpy(), np.einsum("btd,btu->du", x, cotangent), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bias_grad.numpy(), cotangent.sum(axis=(0, 1)), rtol=1e-5, atol=1e-6)
