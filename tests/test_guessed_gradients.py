@@ -24,6 +24,8 @@ import keras
 
 from keras_gradops import GuessedGradientModel
 from keras_gradops.training.guessed import noise
+from keras_gradops.training.guessed.methods import get as get_method
+from keras_gradops.training.guessed.stack import LayerStack
 
 MSE = keras.losses.MeanSquaredError()
 SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -486,12 +488,9 @@ def test_conv_sites_guess_by_their_definition(method, padding, mode):
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_dense_weight_update_sums_over_every_leading_axis(jit_compile):
     """A Dense layer on [batch, time, features]: x^T cotangent summed over batch and time, as NumPy's einsum."""
-    from keras_gradops.training.guessed.methods import get
-    from keras_gradops.training.guessed.stack import LayerStack
-
     keras.utils.set_random_seed(5)
     net = keras.Sequential([keras.Input((3, 5)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)])
-    site = LayerStack(net, get("activation_perturbation")).sites[0]
+    site = LayerStack(net, get_method("activation_perturbation")).sites[0]
     rng = np.random.default_rng(6)
     x, cotangent = rng.normal(size=(7, 3, 5)).astype("float32"), rng.normal(size=(7, 3, 4)).astype("float32")
     kernel_grad, bias_grad = tf.function(site.weight_update, jit_compile=jit_compile)(x, cotangent)
