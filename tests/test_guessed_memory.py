@@ -22,6 +22,11 @@ went from 5.2-6.1 layers at depth 2 to 6.5-7.0 at depth 8 and 14, a step
 up, not a growth, which a 2-to-8 comparison once read as 2.5 layers.)
 Every activation-space method, without XLA and under it (a compile of
 about 3 s per program).
+
+Beside the tensors, the process keeps memory in proportion to the graph
+TensorFlow's runtime optimizes and instantiates (no XLA): that graph may
+grow with depth by a few backprop layers' worth of nodes a layer, counted
+in the run metadata of the step's first call.
 """
 
 import json
@@ -95,6 +100,27 @@ def xla_buffer_bytes(step, x, y):
                if not (a.is_entry_computation_parameter or a.is_constant or a.is_thread_local))
 
 
+def runtime_graph_nodes(method, depth):
+    """Nodes of the graph TensorFlow's runtime optimizes and instantiates for one step (no XLA).
+
+    The step's partition graph, from the run metadata of its first call:
+    nested functions inlined, Grappler's specialized copies included.
+    """
+    try:
+        from tensorflow.python.eager import context
+    except ImportError as error:  # TensorFlow 2.21 keeps the eager context here
+        pytest.fail(f"tensorflow.python.eager.context moved in TensorFlow {tf.__version__}: {error}")
+    step, x, y = compiled_step(method, depth, jit_compile=False)
+    eager = context.context()
+    eager.enable_run_metadata()
+    try:
+        step(x, y)
+        metadata = eager.export_run_metadata()
+    finally:
+        eager.disable_run_metadata()
+    return max(len(graph.node) for function in metadata.function_graphs for graph in function.partition_graphs)
+
+
 @pytest.fixture(scope="module")
 def allocator_peaks():
     """Allocator peaks of one step of keras and each method at both depths, from one fresh process."""
@@ -127,3 +153,23 @@ def test_guessed_step_memory_does_not_grow_with_depth_under_xla(method):
     growth = xla_buffer_bytes(*compiled_step(method, DEEP, True)) - xla_buffer_bytes(
         *compiled_step(method, SHALLOW, True))
     assert growth <= BOUND, f"{growth / LAYER:.2f} layers"
+
+
+@pytest.fixture(scope="module")
+def backprop_graph_growth():
+    return runtime_graph_nodes("keras", DEEP) - runtime_graph_nodes("keras", SHALLOW)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_guessed_step_runtime_graph_grows_like_a_few_backprop_layers(backprop_graph_growth, method):
+    """The process keeps memory in proportion to the graph its runtime runs (~6 KiB an op, TF 2.21).
+
+    A guessed layer runs its forward pass twice (first pass, then the
+    update's), a tangent, a guess and an update: a few times a backprop
+    layer's ops. A random draw or block-wise mixing inlined at each call
+    site (or specialized per call site by Grappler) made it 8 to 20 times
+    (120 to 313 nodes a layer against backprop's 15).
+    """
+    growth = runtime_graph_nodes(method, DEEP) - runtime_graph_nodes(method, SHALLOW)
+    assert backprop_graph_growth >= DEEP - SHALLOW
+    assert growth <= 5 * backprop_graph_growth, (growth / (DEEP - SHALLOW), backprop_graph_growth / (DEEP - SHALLOW))

@@ -14,6 +14,7 @@ import tensorflow as tf
 from keras_gradops.keras_internals import compiled_by_xla
 from keras_gradops.training.guessed.noise import draw as draw_noise, sequence_seed
 from keras_gradops.training.guessed.ordering import after as wait_for
+from keras_gradops.training.guessed.shared_function import shared_function
 
 
 def _perturbation(s, seed, noise):
@@ -91,23 +92,25 @@ def one_layer_downstream(site, s, next_site, seed, noise, s_next=None):
 _MIXING_BLOCK_ELEMENTS = 2**18  # a block of M may take 1 MiB (float32) even when an eighth of ``s`` is smaller
 
 
-@tf.function(autograph=False)
-def _mix(seed, a, rows, zero, noise, xla):
+@shared_function
+def _mix(seed, a, rows, noise):
     """``M a`` for the unscaled ``M ~ noise``, ``B x B``, drawn and applied a block of rows at a time.
 
     ``(M a)_rows = M_rows a``: block ``i`` is rows ``[i r, (i + 1) r)`` of
-    ``M``, ``r = rows``, drawn from ``sequence_seed(seed, i)`` (the rows past the
-    batch in the last block are dropped). The products are written
-    into a tensor filled with ``zero``; the caller makes ``zero`` and
-    ``seed`` wait for the layer (else every layer's tensor (XLA) or first
-    block (TensorFlow's executor) is made at the start of the step and held:
-    measured); the loop runs one block at a time (TensorFlow's
-    executor would run ten, each holding its block). A traced function: a
-    call is one op of the step's program, not the loop's hundred; ``xla``
-    (the caller's ``compiled_by_xla()``, a Python bool) picks the in-place
-    write each runtime has, and keys the trace (a trace made for one runtime
-    would otherwise be reused by the other).
+    ``M``, ``r = rows``, drawn from ``sequence_seed(seed, i)`` (the rows past the batch in
+    the last block are dropped). The products are written into a tensor of
+    zeros made after the seed; the caller makes the seed wait for the layer
+    (else every layer's tensor (XLA) or first block (TensorFlow's executor)
+    is made at the start of the step and held: measured); the loop runs one
+    block at a time (TensorFlow's executor would run ten, each holding its
+    block). A shared function
+    (:mod:`~keras_gradops.training.guessed.shared_function`): a call is one
+    op of the step's program, not the loop's hundred, and the runtime it is
+    traced for picks its in-place write. ``rows`` is a Python int when the
+    batch is known as the step is traced (a constant tensor would give each
+    call its own copy of the function, see :func:`_block_rows`).
     """
+    (zero,) = wait_for([seed], [tf.zeros([], a.dtype)])
     batch = tf.shape(a)[0]
     flat = tf.reshape(a, [batch, -1])
     width = tf.shape(flat)[1]
@@ -116,7 +119,7 @@ def _mix(seed, a, rows, zero, noise, xla):
     def mix_rows(index, mixed):
         block = draw_noise(noise, sequence_seed(seed, index), tf.stack([rows, batch]), a.dtype)
         product = tf.matmul(block, flat)[None]
-        if xla:  # XLA updates in place; its strided-slice update needs a constant start
+        if compiled_by_xla():  # XLA updates in place; its strided-slice update needs a constant start
             return index + 1, tf.tensor_scatter_nd_update(mixed, [[index]], product)
         # TensorFlow's executor copied ``mixed`` for a scatter (two alive: measured); this writes in place.
         start, end = tf.stack([index, 0, 0]), tf.stack([index + 1, rows, width])
@@ -143,10 +146,25 @@ def activation_mixing(site, s, next_site, seed, noise, s_next=None):
     test, a step never calls it).
     """
     batch = tf.shape(s)[0]
-    block = tf.maximum(tf.size(s) // 8, _MIXING_BLOCK_ELEMENTS)
-    rows = tf.minimum(batch, (block + batch - 1) // batch)
-    seed, zero = wait_for([s], [seed, tf.zeros([], s.dtype)])
+    rows = _block_rows(s)
+    (seed,) = wait_for([s], [seed])
     scale = tf.math.rsqrt(tf.cast(batch, s.dtype))
-    xla = compiled_by_xla()
-    y = site.pull_back(s, _mix(seed, site.activate(s), rows, zero, noise, xla) * scale)
-    return y, lambda: _mix(seed, tf.eye(batch, dtype=s.dtype), rows, zero, noise, xla) * scale
+    y = site.pull_back(s, _mix(seed, site.activate(s), rows, noise) * scale)
+    return y, lambda: _mix(seed, tf.eye(batch, dtype=s.dtype), rows, noise) * scale
+
+
+def _block_rows(s):
+    """Rows of ``M`` a block: an eighth of ``s`` (at least ``2**18`` entries) over the batch, at most the batch.
+
+    A Python int when ``s``'s shape is known as the step is traced (always
+    under XLA), else an int32 tensor: a constant tensor input to
+    :func:`_mix` would get Grappler to specialize a copy of the function for
+    each call.
+    """
+    batch, size = s.shape[0], s.shape.num_elements()
+    if size is not None:
+        block = max(size // 8, _MIXING_BLOCK_ELEMENTS)
+        return min(batch, -(-block // batch))
+    batch = tf.shape(s)[0]
+    block = tf.maximum(tf.size(s) // 8, _MIXING_BLOCK_ELEMENTS)
+    return tf.minimum(batch, (block + batch - 1) // batch)

@@ -21,9 +21,11 @@ its expectation (unbiased methods stay unbiased):
   forward-gradient paper, Baydin et al. 2022, allows any such distribution).
 """
 
+import numpy as np
 import tensorflow as tf
 
 from keras_gradops.training.guessed.ordering import after as wait_for
+from keras_gradops.training.guessed.shared_function import shared_function
 
 NORMAL = "normal"
 RADEMACHER = "rademacher"
@@ -90,7 +92,7 @@ def _splitmix64(z):
     return tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(31, tf.uint64)))
 
 
-@tf.function(autograph=False)
+@shared_function
 def _rademacher_signs(seed, size, dtype):
     """``size`` signs from SplitMix64 words: bit ``k`` of word ``i`` is sign ``64 i + k``, a flat tensor.
 
@@ -102,10 +104,19 @@ def _rademacher_signs(seed, size, dtype):
     grew with depth ~20 times faster than Keras' own step. SplitMix64 is a
     dozen instructions a word and passes BigCrush; 64 signs per word.
 
-    Traced once per dtype and called by every draw: a draw adds one call to
-    the step's traced program, not the hundred ops written here (tracing
-    memory grows with the program). Without XLA the temporaries are an
-    eighth of the output (one byte per sign), not the output's size.
+    Traced once per dtype, runtime and static size, and called by every
+    draw: a draw adds one call to the step's traced program, not the fifty
+    ops written here (tracing memory grows with the program), and without
+    XLA one shared instance runs every call
+    (:mod:`~keras_gradops.training.guessed.shared_function`).
+    Without XLA the temporaries are an eighth of the output (one byte per
+    sign), not the output's size.
+
+    ``size`` is a Python int when it is known as the step is traced, else a
+    run-time int64 tensor: a constant tensor input
+    (a weight's static size) would give each call its own copy of the
+    function (Grappler's function specialization pushes constants into a
+    copy per call site), which the shared instance is there to avoid.
     """
     seed = tf.bitcast(seed, tf.uint64)
     weyl = tf.constant(_WEYL, tf.uint64)
@@ -126,10 +137,11 @@ def _rademacher_signs(seed, size, dtype):
 
 
 def _size(shape):
-    """The number of elements of a draw shaped ``shape``, an int64 scalar tensor."""
-    if isinstance(shape, tf.Tensor):
-        return tf.reduce_prod(tf.cast(shape, tf.int64))
-    return tf.constant(tf.TensorShape(shape).num_elements(), tf.int64)
+    """The number of elements of a draw shaped ``shape``: an int if known when traced, else an int64 tensor."""
+    static = tf.get_static_value(shape) if isinstance(shape, tf.Tensor) else shape
+    if static is not None:
+        return int(np.prod(static, dtype=np.int64))
+    return tf.reduce_prod(tf.cast(shape, tf.int64))
 
 
 def draw(distribution, seed, shape, dtype, after=None):
