@@ -109,8 +109,8 @@ def _rademacher_signs(seed, size, dtype):
     ops written here (tracing memory grows with the program), and without
     XLA one shared instance runs every call
     (:mod:`~keras_gradops.training.guessed.shared_function`).
-    Without XLA the temporaries are an eighth of the output (one byte per
-    sign), not the output's size.
+    Without XLA the temporaries are the words and their octets (half a
+    byte a sign), an eighth of a float32 output.
 
     ``size`` is a Python int when it is known as the step is traced, else a
     run-time int64 tensor: a constant tensor input
@@ -129,11 +129,20 @@ def _rademacher_signs(seed, size, dtype):
     # by a 1 it cannot see: each word is then computed once.
     one = tf.bitcast(tf.cast(1.0 + tf.cast(seed[1] % 2, tf.float32) * 0.0, tf.int64), tf.uint64)
     words = words // one
-    octets = tf.bitcast(words, tf.uint8)[..., None]  # [words, 8, 1]
-    bit_of_octet = tf.constant(list(range(8)), tf.uint8)
-    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(octets, bit_of_octet), tf.constant(1, tf.uint8))
-    signs = tf.cast(bits, dtype) * 2 - 1
+    octets = tf.cast(tf.bitcast(words, tf.uint8), tf.int32)  # [words, 8], in little-endian order
+    signs = tf.gather(_octet_signs(dtype), octets)  # [words, 8, 8]: sign 8 j + k is bit k of octet j
     return tf.reshape(signs, [-1])[:size]
+
+
+def _octet_signs(dtype):
+    """``[256, 8]``: row ``v`` holds ``2 * bit_k(v) - 1`` for ``k = 0..7``, the signs of octet value ``v``.
+
+    One gather per octet writes its eight signs in ``dtype`` directly;
+    shifting, masking and casting made three tensors as large as the signs
+    (one byte each) or larger before them (no fusion without XLA).
+    """
+    bits = (np.arange(256)[:, None] >> np.arange(8)) & 1
+    return tf.constant(2 * bits - 1, dtype)
 
 
 def _size(shape):
