@@ -84,8 +84,9 @@ def one_layer_downstream(site, s, next_site, seed, noise, s_next=None):
         return _perturbation(s, seed, noise)
     a = site.activate(s)
     x_next = site.to_next_input(a)
-    eps = _next_layer_noise(x_next, next_site, seed, noise, after=[s])
     s_next = next_site.pre_activation(x_next) if s_next is None else tf.stop_gradient(s_next)
+    # ``eps`` waits for ``s'``: drawn earlier, it was alive beside ``act(s)`` (one layer more at the peak).
+    eps = _next_layer_noise(x_next, next_site, seed, noise, after=[s_next])
     return site.pull_back(s, _transpose_to(site, a, next_site, next_site.pull_back(s_next, eps))), eps
 
 
