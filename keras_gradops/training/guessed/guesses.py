@@ -100,7 +100,8 @@ def _mix(seed, a, rows, noise):
     ``(M a)_rows = M_rows a``: block ``i`` is rows ``[i r, (i + 1) r)`` of
     ``M``, ``r = rows``, drawn from ``sequence_seed(seed, i)`` (the rows past the batch in
     the last block are dropped). The products are written into a tensor of
-    zeros made after the seed; the caller makes the seed wait for the layer
+    zeros made after ``a`` (after the seed, XLA's process peak at 16x1024 was
+    0.46 of backprop's, not 0.43); the caller makes the seed wait for the layer
     (else every layer's tensor (XLA) or first block (TensorFlow's executor)
     is made at the start of the step and held: measured); the loop runs one
     block at a time (TensorFlow's executor would run ten, each holding its
@@ -111,7 +112,7 @@ def _mix(seed, a, rows, noise):
     batch is known as the step is traced (a constant tensor would give each
     call its own copy of the function, see :func:`_block_rows`).
     """
-    (zero,) = wait_for([seed], [tf.zeros([], a.dtype)])
+    (zero,) = wait_for([a], [tf.zeros([], a.dtype)])
     batch = tf.shape(a)[0]
     flat = tf.reshape(a, [batch, -1])
     width = tf.shape(flat)[1]
