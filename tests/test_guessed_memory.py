@@ -100,11 +100,13 @@ def xla_buffer_bytes(step, x, y):
                if not (a.is_entry_computation_parameter or a.is_constant or a.is_thread_local))
 
 
-def runtime_graph_nodes(method, depth):
-    """Nodes of the graph TensorFlow's runtime optimizes and instantiates for one step (no XLA).
+def runtime_graph(method, depth):
+    """The graph TensorFlow's runtime optimizes and instantiates for one step (no XLA): ``(nodes, functions)``.
 
     The step's partition graph, from the run metadata of its first call:
-    nested functions inlined, Grappler's specialized copies included.
+    its number of nodes (nested functions inlined) and the number of
+    distinct functions its call nodes run (a function Grappler specializes
+    per call site is a new one at each call).
     """
     try:
         from tensorflow.python.eager import context
@@ -118,7 +120,9 @@ def runtime_graph_nodes(method, depth):
         metadata = eager.export_run_metadata()
     finally:
         eager.disable_run_metadata()
-    return max(len(graph.node) for function in metadata.function_graphs for graph in function.partition_graphs)
+    graph = max((graph for function in metadata.function_graphs for graph in function.partition_graphs),
+                key=lambda graph: len(graph.node))
+    return len(graph.node), len({node.attr["f"].func.name for node in graph.node if "f" in node.attr})
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +161,7 @@ def test_guessed_step_memory_does_not_grow_with_depth_under_xla(method):
 
 @pytest.fixture(scope="module")
 def backprop_graph_growth():
-    return runtime_graph_nodes("keras", DEEP) - runtime_graph_nodes("keras", SHALLOW)
+    return runtime_graph("keras", DEEP)[0] - runtime_graph("keras", SHALLOW)[0]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -167,9 +171,13 @@ def test_guessed_step_runtime_graph_grows_like_a_few_backprop_layers(backprop_gr
     A guessed layer runs its forward pass twice (first pass, then the
     update's), a tangent, a guess and an update: a few times a backprop
     layer's ops. A random draw or block-wise mixing inlined at each call
-    site (or specialized per call site by Grappler) made it 8 to 20 times
-    (120 to 313 nodes a layer against backprop's 15).
+    site made it 8 to 20 times (120 to 313 nodes a layer against
+    backprop's 15); a function Grappler specialized per call site (for a
+    constant input) added a function instance a call.
     """
-    growth = runtime_graph_nodes(method, DEEP) - runtime_graph_nodes(method, SHALLOW)
+    (deep_nodes, deep_functions), (shallow_nodes, shallow_functions) = (runtime_graph(method, DEEP),
+                                                                        runtime_graph(method, SHALLOW))
+    growth = deep_nodes - shallow_nodes
     assert backprop_graph_growth >= DEEP - SHALLOW
     assert growth <= 5 * backprop_graph_growth, (growth / (DEEP - SHALLOW), backprop_graph_growth / (DEEP - SHALLOW))
+    assert deep_functions == shallow_functions

@@ -101,7 +101,7 @@ def _mix(seed, a, rows, noise):
     ``M``, ``r = rows``, drawn from ``sequence_seed(seed, i)`` (the rows past the batch in
     the last block are dropped). The products are written into a tensor of
     zeros made after ``a`` (after the seed, XLA's process peak at 16x1024 was
-    0.46 of backprop's, not 0.43); the caller makes the seed wait for the layer
+    0.46 of backprop's, not 0.44); the caller makes the seed wait for the layer
     (else every layer's tensor (XLA) or first block (TensorFlow's executor)
     is made at the start of the step and held: measured); the loop runs one
     block at a time (TensorFlow's executor would run ten, each holding its
@@ -164,9 +164,9 @@ def _block_rows(s):
     each call.
     """
     batch, size = s.shape[0], s.shape.num_elements()
-    if size is not None:
-        block = max(size // 8, _MIXING_BLOCK_ELEMENTS)
-        return min(batch, -(-block // batch))
-    batch = tf.shape(s)[0]
-    block = tf.maximum(tf.size(s) // 8, _MIXING_BLOCK_ELEMENTS)
-    return tf.minimum(batch, (block + batch - 1) // batch)
+    maximum, minimum = max, min
+    if size is None:
+        batch, size = tf.shape(s)[0], tf.size(s)
+        maximum, minimum = tf.maximum, tf.minimum
+    block = maximum(size // 8, _MIXING_BLOCK_ELEMENTS)
+    return minimum(batch, (block + batch - 1) // batch)
