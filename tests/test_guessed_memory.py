@@ -181,3 +181,19 @@ def test_guessed_step_runtime_graph_grows_like_a_few_backprop_layers(backprop_gr
     assert backprop_graph_growth >= DEEP - SHALLOW
     assert growth <= 5 * backprop_graph_growth, (growth / (DEEP - SHALLOW), backprop_graph_growth / (DEEP - SHALLOW))
     assert deep_functions == shallow_functions
+
+
+def test_activation_mixing_writes_its_blocks_by_row_scatter_under_xla():
+    """No dynamic-update-slice in activation_mixing's compiled step: its blocks are scattered by row.
+
+    Written into a tensor of blocks by one block index, each mixing loop
+    compiled to a dynamic-update-slice fusion, which XLA on CPU builds with
+    its MLIR fusion emitter: the compiler's memory made the process's peak
+    0.44 of backprop's at 16x1024 (batch 8192) against 0.38 with the row
+    scatter, for the same buffers (3 processes each, TF 2.21).
+    """
+    step, x, y = compiled_step("activation_mixing", SHALLOW, True)
+    tf.function(lambda: step(x, y)).get_concrete_function()  # traced under XLA's context, as fit traces it
+    program = step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
+    assert " while(" in program and " scatter(" in program
+    assert "dynamic-update-slice(" not in program
