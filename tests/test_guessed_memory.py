@@ -87,14 +87,19 @@ def compiled_step(method, depth, jit_compile):
     return tf.function(lambda x, y: model.train_step((x, y)), jit_compile=jit_compile), x, y
 
 
+def compiled_program(step, x, y, stage):
+    """The program XLA compiles for ``step(x, y)`` at ``stage`` (of ``experimental_get_compiler_ir``)."""
+    tf.function(lambda: step(x, y)).get_concrete_function()  # traced under XLA's context, as fit traces it
+    return step.experimental_get_compiler_ir(x, y)(stage=stage)
+
+
 def xla_buffer_bytes(step, x, y):
     """Total size of the buffers XLA assigns the compiled step (parameters excluded)."""
     try:
         from tensorflow.compiler.xla.service import hlo_pb2
     except ImportError as error:  # the test reads XLA's own proto; TensorFlow 2.21 ships it here
         pytest.fail(f"tensorflow.compiler.xla.service.hlo_pb2 moved in TensorFlow {tf.__version__}: {error}")
-    tf.function(lambda: step(x, y)).get_concrete_function()  # traced under XLA's context, as fit traces it
-    proto = hlo_pb2.HloProto.FromString(step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo_proto_serialized"))
+    proto = hlo_pb2.HloProto.FromString(compiled_program(step, x, y, "optimized_hlo_proto_serialized"))
     assert proto.HasField("buffer_assignment")
     return sum(a.size for a in proto.buffer_assignment.buffer_allocations
                if not (a.is_entry_computation_parameter or a.is_constant or a.is_thread_local))
@@ -192,8 +197,6 @@ def test_activation_mixing_writes_its_blocks_by_row_scatter_under_xla():
     0.44 of backprop's at 16x1024 (batch 8192) against 0.38 with the row
     scatter, for the same buffers (3 processes each, TF 2.21).
     """
-    step, x, y = compiled_step("activation_mixing", SHALLOW, True)
-    tf.function(lambda: step(x, y)).get_concrete_function()  # traced under XLA's context, as fit traces it
-    program = step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
+    program = compiled_program(*compiled_step("activation_mixing", SHALLOW, True), "optimized_hlo")
     assert " while(" in program and " scatter(" in program
     assert "dynamic-update-slice(" not in program

@@ -100,12 +100,12 @@ def _mix(seed, a, rows, noise):
     ``(M a)_rows = M_rows a``: block ``i`` is rows ``[i r, (i + 1) r)`` of
     ``M``, ``r = rows``, drawn from ``sequence_seed(seed, i)`` (the rows past the batch in
     the last block are dropped). The products are written, by row, into a
-    tensor of zeros made after ``a`` (made after the seed, XLA's process
-    peak at 16x1024 was 0.46 of backprop's, not 0.44); the caller makes the
-    seed wait for the layer (else every layer's tensor (XLA) or first block
-    (TensorFlow's executor) is made at the start of the step and held:
-    measured); the loop runs one block at a time (TensorFlow's executor would
-    run ten, each holding its block). Under XLA the write is a scatter of the
+    tensor of zeros made after ``a`` (made after the seed, with the earlier
+    block layout, XLA's process peak at 16x1024 was 0.46 of backprop's, not
+    0.44); the caller makes the seed wait for the layer (else every layer's
+    tensor (XLA) or first block (TensorFlow's executor) is made at the start
+    of the step and held: measured); the loop runs one block at a time
+    (TensorFlow's executor would run ten, each holding its block). Under XLA the write is a scatter of the
     block's row indices: a tensor of blocks updated by one block index
     compiles to a dynamic-update-slice fusion, which XLA on CPU builds with
     its MLIR fusion emitter, and at 16x1024 the process's peak (the
@@ -163,8 +163,9 @@ def activation_mixing(site, s, next_site, seed, noise, s_next=None):
 def _block_rows(s):
     """Rows of ``M`` a block: an eighth of ``s`` (at least ``2**18`` entries) over the batch, at most the batch.
 
-    A Python int when ``s``'s shape is known as the step is traced (always
-    under XLA), else an int32 tensor: a constant tensor input to
+    A Python int when ``s``'s shape is known as the step is traced, else an
+    int32 tensor (``fit`` traces with an unknown batch, under XLA too, which
+    then sees the shape only as it compiles): a constant tensor input to
     :func:`_mix` would get Grappler to specialize a copy of the function for
     each call.
     """
