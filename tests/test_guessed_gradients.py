@@ -24,6 +24,7 @@ import keras
 
 from keras_gradops import GuessedGradientModel
 from keras_gradops.training.guessed import noise
+from keras_gradops.training.guessed.kernel_gradient import kernel_gradient, transposed_layout_pays
 from keras_gradops.training.guessed.methods import get as get_method
 from keras_gradops.training.guessed.stack import LayerStack
 
@@ -485,14 +486,37 @@ def test_conv_sites_guess_by_their_definition(method, padding, mode):
         np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("units", [4, 130])  # under XLA, 4 outputs take the transposed product, 130 the matmul
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_dense_weight_update_sums_over_every_leading_axis(jit_compile):
+def test_dense_weight_update_sums_over_every_leading_axis(jit_compile, units):
     """A Dense layer on [batch, time, features]: x^T cotangent summed over batch and time, as NumPy's einsum."""
+    assert transposed_layout_pays(5, 4) and not transposed_layout_pays(5, 130)
     keras.utils.set_random_seed(5)
-    net = keras.Sequential([keras.Input((3, 5)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)])
+    net = keras.Sequential([keras.Input((3, 5)), keras.layers.Dense(units, activation="relu"), keras.layers.Dense(2)])
     site = LayerStack(net, get_method("activation_perturbation")).sites[0]
     rng = np.random.default_rng(6)
-    x, cotangent = rng.normal(size=(7, 3, 5)).astype("float32"), rng.normal(size=(7, 3, 4)).astype("float32")
+    x, cotangent = rng.normal(size=(7, 3, 5)).astype("float32"), rng.normal(size=(7, 3, units)).astype("float32")
     kernel_grad, bias_grad = tf.function(site.weight_update, jit_compile=jit_compile)(x, cotangent)
     np.testing.assert_allclose(kernel_grad.numpy(), np.einsum("btd,btu->du", x, cotangent), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bias_grad.numpy(), cotangent.sum(axis=(0, 1)), rtol=1e-5, atol=1e-6)
+
+
+def test_narrow_kernel_gradient_compiles_to_a_row_major_product_under_xla():
+    """``x^T c`` for a 48 -> 8 kernel: XLA's dot is ``c^T x`` (contracting the operands' rows), not ``x``'s major axis.
+
+    TensorFlow's ``matmul(x, c, transpose_a=True)`` compiles to a dot
+    contracting ``x``'s major axis (checked here too), which XLA on CPU runs
+    at half the rate for narrow outputs (``benchmarks/kernel_gradient_layouts.py``).
+    """
+    x, c = tf.random.normal([64, 48]), tf.random.normal([64, 8])
+
+    def dots(f):
+        program = tf.function(f, jit_compile=True).experimental_get_compiler_ir(x, c)(stage="optimized_hlo")
+        return [line for line in program.splitlines() if " dot(" in line]
+
+    (plain,) = dots(lambda x, c: tf.matmul(x, c, transpose_a=True))
+    assert "f32[48,8]" in plain and "lhs_contracting_dims={0}" in plain
+    (transposed,) = dots(kernel_gradient)
+    assert "f32[8,48]" in transposed and "lhs_contracting_dims={1}, rhs_contracting_dims={0}" in transposed
+    got = tf.function(kernel_gradient, jit_compile=True)(x, c)
+    np.testing.assert_allclose(got.numpy(), x.numpy().T @ c.numpy(), rtol=1e-5, atol=1e-5)

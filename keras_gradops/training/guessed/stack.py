@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from keras_gradops.keras_internals import all_layers, node_inputs, producing_layer
 from keras_gradops.training.guessed import methods as m
+from keras_gradops.training.guessed.kernel_gradient import kernel_gradient
 
 NORMALIZATION_LAYERS = (
     keras.layers.BatchNormalization,
@@ -160,8 +161,10 @@ class Site:
     def weight_update(self, x, cotangent):
         """The weights' gradient for a given ``dL/ds``: ``[x^T cotangent, sum(cotangent)]``.
 
-        Computed in the variables' dtype. For Conv2D, the transpose of the
-        convolution in its kernel (the filter gradient of ``conv(x, W)``).
+        Computed in the variables' dtype. For Dense, by
+        :func:`~keras_gradops.training.guessed.kernel_gradient.kernel_gradient`
+        (which picks the faster layout under XLA); for Conv2D, the transpose
+        of the convolution in its kernel (the filter gradient of ``conv(x, W)``).
 
         Args:
             x: the layer's input.
@@ -174,10 +177,7 @@ class Site:
         x = tf.cast(x, dtype)
         cotangent = tf.cast(cotangent, dtype)
         if self.is_dense:
-            # x^T cotangent over every leading axis, as one matmul that reads x transposed: without
-            # XLA, tensordot made a transposed copy of x (a layer's activations, alive at the peak).
-            kernel_grad = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), tf.reshape(cotangent, [-1, cotangent.shape[-1]]),
-                                    transpose_a=True)
+            kernel_grad = kernel_gradient(x, cotangent)
             channel_axis = -1
         else:
             kernel = tf.convert_to_tensor(self.kernel)
