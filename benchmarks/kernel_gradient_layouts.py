@@ -70,7 +70,7 @@ def main():
                 run(x, c).numpy()
                 times[name].append((time.perf_counter() - start) / PRODUCTS * 1e3)
         ratio = np.array(times["transposed"]) / np.array(times["plain"])
-        picks = "transposed" if transposed_layout_pays(inputs, outputs) else "plain"
+        picks = "transposed" if transposed_layout_pays(outputs) else "plain"
         print(f"{batch:>6} x {inputs:>4} x {outputs:>4} {statistics.median(times['plain']):9.2f} "
               f"{statistics.median(times['transposed']):14.2f} {np.median(ratio):8.2f} "
               f"({np.percentile(ratio, 25):.2f}-{np.percentile(ratio, 75):.2f})  {picks}")

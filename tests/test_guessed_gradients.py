@@ -490,7 +490,7 @@ def test_conv_sites_guess_by_their_definition(method, padding, mode):
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_dense_weight_update_sums_over_every_leading_axis(jit_compile, units):
     """A Dense layer on [batch, time, features]: x^T cotangent summed over batch and time, as NumPy's einsum."""
-    assert transposed_layout_pays(5, 4) and not transposed_layout_pays(5, 130)
+    assert transposed_layout_pays(4) and not transposed_layout_pays(130)
     keras.utils.set_random_seed(5)
     net = keras.Sequential([keras.Input((3, 5)), keras.layers.Dense(units, activation="relu"), keras.layers.Dense(2)])
     site = LayerStack(net, get_method("activation_perturbation")).sites[0]

@@ -4,19 +4,19 @@
 over the batch, their major axis. TensorFlow's ``matmul(x, c,
 transpose_a=True)`` (Keras' backprop computes the same) compiles under XLA on
 CPU to a dot contracting ``x``'s major axis, and XLA folds every transpose
-written around it back into that form. For a narrow output (``O`` up to 256)
-that dot runs far below the rate of a row-major one: at ``B, I, O = 512,
+written around it back into that form. With few outputs (``O`` up to 128)
+that dot runs at about half the rate of a row-major one: at ``B, I, O = 512,
 3072, 128`` (the paper's first layer, "How to guess a gradient", Singhal et
-al. 2023) 4.6 ms against 2.2 ms for ``c^T x`` with ``c^T`` stored
-row-major. So under XLA, for such kernels, the gradient is computed as
-``(c^T x)^T``: the two transposes are gathers of flat indices, which XLA
-cannot fold into the dot; the indices wait for ``c``
-(:func:`~keras_gradops.training.guessed.ordering.after`), so XLA does not
-fold them into a constant as large as the kernel. For wide outputs the
-gathers (strided reads of the whole kernel) cost more than the dot saves
-(``512, 1024, 1024``: 10.5 ms against 6.5 ms), and the plain matmul is
-kept. ``benchmarks/kernel_gradient_layouts.py`` measures both forms across
-shapes; TensorFlow's executor (no XLA) keeps the plain matmul, which reads
+al. 2023) 5.3 ms against 2.2 ms for ``c^T x`` with ``c^T`` stored
+row-major. So under XLA such a kernel's gradient is computed as
+``(c^T x)^T`` (3.1 ms): the two transposes are gathers of flat indices,
+which XLA cannot fold into the dot; the indices wait for ``c``
+(:func:`~keras_gradops.training.guessed.ordering.after`), else XLA folds
+them into a constant as large as the kernel. From 256 outputs the gathers
+(strided reads of the whole kernel) cost more than the dot saves
+(``512, 1024, 1024``: 10.1 ms against 6.4 ms), and the plain matmul is kept.
+``benchmarks/kernel_gradient_layouts.py`` measures both forms across
+shapes. TensorFlow's executor (no XLA) keeps the plain matmul, which reads
 ``x`` transposed without copying it.
 """
 
@@ -28,9 +28,12 @@ from keras_gradops.training.guessed.ordering import after
 NARROW_OUTPUT = 128  # kernels with at most this many outputs: the transposed product is faster under XLA
 
 
-def transposed_layout_pays(inputs, outputs):
-    """Whether an ``inputs x outputs`` kernel's gradient is faster as ``(c^T x)^T`` under XLA (a measured rule)."""
-    del inputs  # measured: the output width decides (see benchmarks/kernel_gradient_layouts.py)
+def transposed_layout_pays(outputs):
+    """Whether the gradient of a kernel with ``outputs`` outputs is faster as ``(c^T x)^T`` under XLA.
+
+    A measured rule (``benchmarks/kernel_gradient_layouts.py``): across input
+    widths 64-3072 and batches 512-8192, the output width decided.
+    """
     return outputs <= NARROW_OUTPUT
 
 
@@ -63,7 +66,7 @@ def kernel_gradient(x, cotangent):
     inputs, outputs = x.shape[-1], cotangent.shape[-1]
     x = tf.reshape(x, [-1, inputs])
     cotangent = tf.reshape(cotangent, [-1, outputs])
-    if not (compiled_by_xla() and transposed_layout_pays(inputs, outputs)):
+    if not (compiled_by_xla() and transposed_layout_pays(outputs)):
         # Without XLA this reads x transposed in place (tensordot made a transposed copy of x).
         return tf.matmul(x, cotangent, transpose_a=True)
     return transposed_product(x, cotangent)
