@@ -67,6 +67,6 @@ def kernel_gradient(x, cotangent):
     x = tf.reshape(x, [-1, inputs])
     cotangent = tf.reshape(cotangent, [-1, outputs])
     if not (compiled_by_xla() and transposed_layout_pays(outputs)):
-        # Without XLA this reads x transposed in place (tensordot made a transposed copy of x).
+        # The plain product; without XLA it reads x transposed in place (tensordot made a transposed copy of x).
         return tf.matmul(x, cotangent, transpose_a=True)
     return transposed_product(x, cotangent)
