@@ -27,6 +27,7 @@ from keras_gradops.training.guessed import noise
 from keras_gradops.training.guessed.kernel_gradient import kernel_gradient, transposed_layout_pays
 from keras_gradops.training.guessed.methods import get as get_method
 from keras_gradops.training.guessed.stack import LayerStack
+from test_guessed_memory import compiled_program
 
 MSE = keras.losses.MeanSquaredError()
 SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -511,7 +512,7 @@ def test_narrow_kernel_gradient_compiles_to_a_row_major_product_under_xla():
     x, c = tf.random.normal([64, 48]), tf.random.normal([64, 8])
 
     def dots(f):
-        program = tf.function(f, jit_compile=True).experimental_get_compiler_ir(x, c)(stage="optimized_hlo")
+        program = compiled_program(tf.function(f, jit_compile=True), x, c, "optimized_hlo")
         return [line for line in program.splitlines() if " dot(" in line]
 
     (plain,) = dots(lambda x, c: tf.matmul(x, c, transpose_a=True))
