@@ -23,7 +23,7 @@ import tensorflow as tf
 import keras
 
 from keras_gradops import GuessedGradientModel
-from keras_gradops.training.guessed import noise
+from keras_gradops.training.guessed import guesses, noise
 from keras_gradops.training.guessed.kernel_gradient import kernel_gradient, transposed_layout_pays
 from keras_gradops.training.guessed.methods import get as get_method
 from keras_gradops.training.guessed.stack import LayerStack
@@ -162,6 +162,29 @@ def test_mixing_matrix_drawn_in_row_blocks_matches_its_definition(jit_compile):
     expected = update_from_guesses(fb, expected_guesses("activation_mixing", fb, mixing))
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("noise", ["normal", "rademacher"])
+def test_weight_transpose_noise_drawn_in_row_blocks_matches_its_definition(noise, monkeypatch):
+    """Without XLA, eps W^T is drawn a block of rows at a time: with blocks of 1000 entries, h1's
+    eps (1100 x 3, x_next 1100 x 4) comes in 250-row blocks, the fifth part-used."""
+    monkeypatch.setattr(guesses, "_TRANSPOSE_BLOCK_ELEMENTS", 1000)
+    net = hand_mlp()
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(1100, 5)).astype("float32"), rng.normal(size=(1100, 2)).astype("float32")
+    grads, draws = wrapped(net, "weight_transpose", noise=noise).guess_gradients(x, y, seed=[2, 9],
+                                                                                return_draws=True)
+    eps = {name: value.numpy() for name, value in draws[0].items()}
+    assert eps["h1"].shape == (1100, 3)
+    if noise == "rademacher":
+        np.testing.assert_array_equal(np.unique(eps["h1"]), [-1.0, 1.0])
+    # Each block has its own draws: a repeated block would agree in sign with the first everywhere.
+    assert 0.4 < np.mean(np.sign(eps["h1"][:250]) == np.sign(eps["h1"][250:500])) < 0.6
+    assert 0.35 < np.mean(np.sign(eps["h1"][:100]) == np.sign(eps["h1"][1000:])) < 0.65  # the last: 100 rows
+    fb = numpy_forward_backward(net, x, y)
+    expected = update_from_guesses(fb, expected_guesses("weight_transpose", fb, eps))
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("noise", ["normal", "rademacher"])
