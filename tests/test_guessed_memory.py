@@ -21,8 +21,7 @@ stack leaves the executor less to overlap: one_layer_downstream's peak
 went from 5.2-6.1 layers at depth 2 to 6.5-7.0 at depth 8 and 14, a step
 up, not a growth, which a 2-to-8 comparison once read as 2.5 layers.)
 Every activation-space method, without XLA and under it (a compile of
-about 3 s per program). And weight_transpose's step without XLA never
-holds its whole draw ``eps`` (drawn and multiplied in blocks of rows).
+about 3 s per program).
 
 Beside the tensors, the process keeps memory in proportion to the graph
 TensorFlow's runtime optimizes and instantiates (no XLA): that graph may
@@ -54,8 +53,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, sys.argv[1])
 import keras, tensorflow as tf
 from test_guessed_memory import BATCH, WIDTH, compiled_step
-from keras_gradops.training.guessed import guesses
-guesses._TRANSPOSE_BLOCK_ELEMENTS = 2**15  # weight_transpose's eps in 8 blocks, as at width 1024, batch 8192
 peaks = {}
 for method in ["keras"] + json.loads(sys.argv[2]):
     for depth in json.loads(sys.argv[3]):
@@ -158,15 +155,6 @@ def test_backprop_memory_grows_in_both_measures(allocator_peaks):
 def test_guessed_step_memory_does_not_grow_with_depth_without_xla(allocator_peaks, method):
     growth = allocator_peaks[f"{method}/{DEEP}"] - allocator_peaks[f"{method}/{SHALLOW}"]
     assert growth <= BOUND, f"{growth / LAYER:.2f} layers"
-
-
-def test_weight_transpose_never_holds_its_whole_draw_without_xla(allocator_peaks):
-    """``eps W^T`` is drawn and multiplied a block of rows at a time (8 blocks: the probe sets the
-    smallest block to 2**15 entries, as 2**20 is at width 1024, batch 8192): the step holds ``s``, its
-    tangent, the product and the blocks, 3.45-3.53 layers in four processes; with ``eps`` drawn whole
-    (commit d16cd5f) 4.02 and 4.49."""
-    peak = allocator_peaks[f"weight_transpose/{DEEP}"]
-    assert peak <= 3.75 * LAYER, f"{peak / LAYER:.2f} layers"
 
 
 @pytest.mark.parametrize("method", METHODS)
