@@ -44,27 +44,20 @@ def _next_layer_noise(x_next, next_site, seed, noise, after):
     return draw_noise(noise, seed, shape, x_next.dtype, after=after)
 
 
-def _through_reshapes(site, a, value):
-    """``value``, given at the next site's input ``site.to_next_input(a)``, pulled back to ``a``'s shape.
+def _next_input_and_transpose(site, a):
+    """``(x_next, back)``: the next site's input ``site.to_next_input(a)``, made once, and the transpose of
+    that map, ``back(v)`` shaped as ``a`` for ``v`` shaped as ``x_next``.
 
-    The transpose of the Flatten/Reshape layers between the sites (exact;
-    Dropout and normalisation layers are the identity in a guess).
+    Flatten/Reshape layers between the sites are transposed exactly; Dropout
+    and normalisation layers are the identity in a guess. ``back`` is called
+    once (a non-persistent tape).
     """
     if not site.reshapes:
-        return value
+        return a, lambda value: value
     with tf.GradientTape() as tape:
         tape.watch(a)
         x_next = site.to_next_input(a)
-    return tape.gradient(x_next, a, output_gradients=value)
-
-
-def _transpose_to(site, a, next_site, cotangent):
-    """``cotangent K_{l+1}^T`` shaped as ``a``: the transpose of ``a -> site.to_next_input(a) K_{l+1}``.
-
-    Only the shape of ``a`` matters (the map is linear).
-    """
-    x_next = site.to_next_input(a)
-    return _through_reshapes(site, a, next_site.kernel_transpose(cotangent, x_next))
+    return x_next, lambda value: tape.gradient(x_next, a, output_gradients=value)
 
 
 def _noise_times_transposed_kernel(s, x_next, next_site, seed, noise):
@@ -108,13 +101,14 @@ def weight_transpose(site, s, next_site, seed, noise, s_next=None):
     """
     if next_site is None:
         return _perturbation(s, seed, noise)
-    x_next = site.to_next_input(s)
+    x_next, back = _next_input_and_transpose(site, s)
     if next_site.is_dense and not compiled_by_xla():
         (seed,) = wait_for([s], [seed])
         eps_kernel_t, eps = _noise_times_transposed_kernel(s, x_next, next_site, seed, noise)
-        return site.pull_back(s, _through_reshapes(site, s, eps_kernel_t)), eps
-    eps = _next_layer_noise(x_next, next_site, seed, noise, after=[s])
-    return site.pull_back(s, _transpose_to(site, s, next_site, eps)), eps
+    else:
+        eps = _next_layer_noise(x_next, next_site, seed, noise, after=[s])
+        eps_kernel_t = next_site.kernel_transpose(eps, x_next)
+    return site.pull_back(s, back(eps_kernel_t)), eps
 
 
 def one_layer_downstream(site, s, next_site, seed, noise, s_next=None):
@@ -129,12 +123,11 @@ def one_layer_downstream(site, s, next_site, seed, noise, s_next=None):
     """
     if next_site is None:
         return _perturbation(s, seed, noise)
-    a = site.activate(s)
-    x_next = site.to_next_input(a)
+    x_next, back = _next_input_and_transpose(site, site.activate(s))
     s_next = next_site.pre_activation(x_next) if s_next is None else tf.stop_gradient(s_next)
     # ``eps`` waits for ``s'``: drawn earlier, it was alive beside ``act(s)`` (one layer more at the peak).
     eps = _next_layer_noise(x_next, next_site, seed, noise, after=[s_next])
-    return site.pull_back(s, _transpose_to(site, a, next_site, next_site.pull_back(s_next, eps))), eps
+    return site.pull_back(s, back(next_site.kernel_transpose(next_site.pull_back(s_next, eps), x_next))), eps
 
 
 # A block may take this many entries even when an eighth of the product is smaller. Mixing: 1 MiB (float32),
