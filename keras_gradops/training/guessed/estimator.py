@@ -83,7 +83,7 @@ def _per_example_sum(values):
 
 def _times_per_example(d, y):
     d = tf.cast(d, y.dtype)
-    return tf.reshape(d, tf.concat([tf.shape(d), tf.ones([y.shape.rank - 1], tf.int32)], 0)) * y
+    return tf.reshape(d, [-1] + [1] * (y.shape.rank - 1)) * y
 
 
 def _example_bytes(x):
