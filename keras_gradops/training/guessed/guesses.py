@@ -198,16 +198,26 @@ def activation_mixing(site, s, next_site, seed, noise, s_next=None):
     width 128, batch 2048. The draw returned is a function making the whole
     ``M`` (as ``M I``; for a test, a step never calls it).
     """
-    batch = tf.shape(s)[0]
-    rows = _block_rows(s, s.shape[0], _MIXING_BLOCK_ELEMENTS)
     (seed,) = wait_for([s], [seed])
-    scale = tf.math.rsqrt(tf.cast(batch, s.dtype))
 
     def mix(a):
-        flat = tf.reshape(a, [batch, -1])
-        return tf.reshape(_noise_product(seed, flat, batch, rows, noise, flat), tf.shape(a)) * scale
+        return _mixed(seed, a, s, noise, _MIXING_BLOCK_ELEMENTS)
 
-    return site.pull_back(s, mix(site.activate(s))), lambda: mix(tf.eye(batch, dtype=s.dtype))
+    return site.pull_back(s, mix(site.activate(s))), lambda: mix(tf.eye(tf.shape(s)[0], dtype=s.dtype))
+
+
+@shared_function
+def _mixed(seed, a, s, noise, smallest):
+    """``M a``, ``M_bc ~ noise / sqrt(B)`` for ``B`` the batch (``a``'s first axis): :func:`_noise_product`
+    in blocks of rows sized by the guess's pre-activation ``s`` (:func:`_block_rows`).
+
+    A shared function: per call it traced about thirty ops into the step
+    (shapes and block size), once per layer and pass.
+    """
+    batch = tf.shape(a)[0]
+    flat = tf.reshape(a, [batch, -1])
+    product = _noise_product(seed, flat, batch, _block_rows(s, s.shape[0], smallest), noise, flat)
+    return tf.reshape(product, tf.shape(a)) * tf.math.rsqrt(tf.cast(batch, a.dtype))
 
 
 def _block_rows(product, inner, smallest):
