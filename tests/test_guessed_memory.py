@@ -26,7 +26,8 @@ about 3 s per program).
 Beside the tensors, the process keeps memory in proportion to the graph
 TensorFlow's runtime optimizes and instantiates (no XLA): that graph may
 grow with depth by a few backprop layers' worth of nodes a layer, counted
-in the run metadata of the step's first call.
+in the run metadata of the step's first call. Under XLA the same holds for
+the traced step that XLA's bridge lowers.
 """
 
 import json
@@ -186,6 +187,41 @@ def test_guessed_step_runtime_graph_grows_like_a_few_backprop_layers(backprop_gr
     assert backprop_graph_growth >= DEEP - SHALLOW
     assert growth <= 5 * backprop_graph_growth, (growth / (DEEP - SHALLOW), backprop_graph_growth / (DEEP - SHALLOW))
     assert deep_functions == shallow_functions
+
+
+def traced_ops(method, depth):
+    """Ops of the step as ``fit`` traces it for XLA (unknown batch), each nested function's counted once."""
+    step, x, y = compiled_step(method, depth, jit_compile=True)
+    signature = [tf.TensorSpec([None, WIDTH], x.dtype), tf.TensorSpec([None], y.dtype)]
+    graphs, seen, ops = [tf.function(step, input_signature=signature).get_concrete_function().graph], set(), 0
+    while graphs:
+        graph = graphs.pop()
+        ops += len(graph.get_operations())
+        for name, function in graph._functions.items():  # the library a traced graph carries (TF 2.21)
+            if name not in seen:
+                seen.add(name)
+                graphs.append(function.graph)
+    return ops
+
+
+@pytest.fixture(scope="module")
+def backprop_traced_growth():
+    return traced_ops("keras", DEEP) - traced_ops("keras", SHALLOW)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_guessed_step_traced_for_xla_grows_like_a_few_backprop_layers(backprop_traced_growth, method):
+    """XLA's bridge lowers the traced step with every op's Python stack trace (~14 KiB an op, TF 2.21).
+
+    A guessed layer's ops are a few times a backprop layer's (two forward
+    passes, a tangent, a guess, an update): 131 to 173 a layer against
+    backprop's 21 here. The ordering's zero and mixing's shapes traced
+    inline at every call made it 207 to 261, and the 16x1024 step's process
+    peak 13-28 MiB higher (paired processes).
+    """
+    growth = traced_ops(method, DEEP) - traced_ops(method, SHALLOW)
+    assert backprop_traced_growth >= DEEP - SHALLOW
+    assert growth <= 9 * backprop_traced_growth, (growth / (DEEP - SHALLOW), backprop_traced_growth / (DEEP - SHALLOW))
 
 
 def test_activation_mixing_writes_its_blocks_by_row_scatter_under_xla():
