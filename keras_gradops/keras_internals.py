@@ -9,12 +9,19 @@ strategies). Clipping or checking the *aggregated* gradient with exactly one
 all-reduce therefore needs that private method. It is used in one way only:
 :func:`aggregation_hook` runs a function on its result.
 
-Whether Keras still calls the hook, and still updates with what it returns,
-is checked by :func:`check_aggregation_hook` with a probe optimizer when an
-optimizer of this package is built or a wrapper model makes its train
-function; if Keras has moved the call, it raises :class:`KerasHookError`
-naming the versions this package is tested with, instead of silently
-training without the gradient ops.
+Two checks stop training, with a :class:`KerasHookError` naming the Keras
+version and the tested range, instead of silently updating without the
+gradient ops:
+
+- every ``apply``: a variable update (``update_step``) that Keras reaches
+  without having called the hook in the same ``apply`` raises
+  (:func:`expect_aggregation_hook`, :func:`require_aggregation_hook`). The
+  check is Python run when the step is traced, so it costs nothing in a
+  ``tf.function``, and it holds whatever replaced Keras' update code, at
+  any time in the process;
+- once a process, when an optimizer of this package is built or a wrapper
+  model makes its train function: a probe optimizer checks that Keras
+  updates with what the hook *returns* (:func:`check_aggregation_hook`).
 
 The other private uses, each a read of state Keras' own subclasses read:
 
@@ -46,12 +53,26 @@ import weakref
 import keras
 import tensorflow as tf
 
-TESTED_KERAS = "3.15"
-"""The Keras release line the test suite runs against (``pyproject.toml`` allows no other)."""
+TESTED_KERAS = ("3.10", "3.15")
+"""The oldest and newest Keras release lines CI tests (``.ci/run``); ``pyproject.toml`` allows any newer."""
 
 
 class KerasHookError(RuntimeError):
     """Keras no longer calls a private hook this package depends on."""
+
+    # AutoGraph re-raises an error from a traced function as its own type only when the type's
+    # constructor is ``Exception``'s (otherwise as a ``StagingError``): keep this type visible in `fit`.
+    __init__ = Exception.__init__
+
+
+def _hook_error(problem):
+    oldest, newest = TESTED_KERAS
+    return KerasHookError(
+        f"keras_gradops cannot reach the aggregated gradient in Keras {keras.__version__}: {problem}. "
+        "Its clipping and gradient checks would silently not run, so it stops here. "
+        f"It is tested with Keras {oldest} to {newest} (`pip install 'keras=={newest}.*'`); "
+        "please report the Keras version that failed."
+    )
 
 
 # -- the aggregated gradient ---------------------------------------------------------------
@@ -67,15 +88,37 @@ def aggregation_hook(method, transform):
             passes them: ``tf.Variable``s).
 
     Returns:
-        A function with the signature of ``_all_reduce_sum_gradients``.
+        A function with the signature of ``_all_reduce_sum_gradients``; it
+        marks the optimizer's current ``apply`` as having reached the hook.
     """
+    optimizer = method.__self__
 
     def all_reduce_sum_then_transform(grads_and_vars):
         reduced = list(method(grads_and_vars))
         gradients = transform([g for g, _ in reduced], [v for _, v in reduced])
+        optimizer._keras_gradops_hook_reached = True
         return list(zip(gradients, [v for _, v in reduced]))
 
     return all_reduce_sum_then_transform
+
+
+def expect_aggregation_hook(optimizer):
+    """Starts an ``apply`` of ``optimizer``: its variable updates now need the hook first.
+
+    Replicas of a ``MirroredStrategy`` run their ``apply`` in threads that
+    Keras' strategy runs one at a time, each up to its all-reduce or its end;
+    so one flag an optimizer is set by every replica's hook before any update.
+    """
+    optimizer._keras_gradops_hook_reached = False
+
+
+def require_aggregation_hook(optimizer):
+    """Raises :class:`KerasHookError` if Keras updates a variable before the hook ran in this ``apply``."""
+    if getattr(optimizer, "_keras_gradops_hook_reached", None) is False:
+        raise _hook_error(
+            f"`{type(optimizer).__name__}.apply` updated a variable without calling `_all_reduce_sum_gradients` "
+            "first (has `_backend_update_step` been replaced?)"
+        )
 
 
 def install_aggregation_hook(optimizer, transform, owner):
@@ -99,8 +142,32 @@ def install_aggregation_hook(optimizer, transform, owner):
             f"{owner.name!r} needs an optimizer of its own."
         )
     optimizer._keras_gradops_owner = weakref.ref(owner)
-    method = type(optimizer)._all_reduce_sum_gradients.__get__(optimizer)
-    optimizer._all_reduce_sum_gradients = aggregation_hook(method, transform)
+    cls = type(optimizer)
+    optimizer._all_reduce_sum_gradients = aggregation_hook(
+        cls._all_reduce_sum_gradients.__get__(optimizer), transform
+    )
+    optimizer.apply = _expecting_hook(cls.apply.__get__(optimizer))
+    optimizer.update_step = _requiring_hook(cls.update_step.__get__(optimizer))
+
+
+def _expecting_hook(apply):
+    optimizer = apply.__self__
+
+    def apply_expecting_hook(grads, trainable_variables=None):
+        expect_aggregation_hook(optimizer)
+        return apply(grads, trainable_variables)
+
+    return apply_expecting_hook
+
+
+def _requiring_hook(update_step):
+    optimizer = update_step.__self__
+
+    def update_step_requiring_hook(gradient, variable, learning_rate):
+        require_aggregation_hook(optimizer)
+        return update_step(gradient, variable, learning_rate)
+
+    return update_step_requiring_hook
 
 
 class AggregatedGradientOptimizerMixin:
@@ -108,11 +175,20 @@ class AggregatedGradientOptimizerMixin:
 
     Mixed into the optimizer classes of this package. Keras' own clipping is
     turned off: it would clip each replica's gradient before the all-reduce;
-    the subclass clips the aggregated one.
+    the subclass clips the aggregated one. Every ``apply`` must reach the
+    hook before ``update_step`` (:func:`require_aggregation_hook`).
     """
 
     def transform_aggregated_gradients(self, gradients, variables):
         raise NotImplementedError
+
+    def apply(self, grads, trainable_variables=None):
+        expect_aggregation_hook(self)
+        return super().apply(grads, trainable_variables)
+
+    def update_step(self, gradient, variable, learning_rate):
+        require_aggregation_hook(self)
+        return super().update_step(gradient, variable, learning_rate)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         method = super()._all_reduce_sum_gradients
@@ -136,11 +212,7 @@ def check_aggregation_hook(force=False):
         _hook_checked[:] = [_probe_aggregation_hook()]
     problem = _hook_checked[0]
     if problem:
-        raise KerasHookError(
-            f"keras_gradops cannot reach the aggregated gradient in Keras {keras.__version__}: {problem}. "
-            "Its clipping and gradient checks would silently not run, so it stops here. "
-            f"It is tested with Keras {TESTED_KERAS}.x: `pip install 'keras>={TESTED_KERAS},<3.16'`."
-        )
+        raise _hook_error(problem)
 
 
 def _probe_aggregation_hook():
@@ -224,7 +296,8 @@ class MultiWorkerSymbolicBuildMixin:
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if iterator is not None and data_batch is None:
-            for _, _, epoch_iterator in iterator:
+            # Keras 3.10 yields (step, iterator), Keras 3.11 and newer (begin_step, end_step, iterator).
+            for *_, epoch_iterator in iterator:
                 data_batch = first_local_batch(next(epoch_iterator), self.distribute_strategy)
                 break
         return super()._maybe_symbolic_build(data_batch=data_batch)

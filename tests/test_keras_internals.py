@@ -13,17 +13,19 @@ import keras_gradops as kgo
 from keras_gradops import keras_internals
 
 
+def _update_without_the_hook(self, grads, trainable_variables, learning_rate):
+    for grad, var in zip(grads, trainable_variables):
+        self.update_step(grad, var.value if isinstance(var, keras.Variable) else var, learning_rate)
+
+
 @pytest.fixture
-def moved_hook(monkeypatch):
-    """A Keras whose ``_backend_update_step`` no longer calls ``_all_reduce_sum_gradients``."""
+def move_hook(monkeypatch):
+    """Replaces Keras' ``_backend_update_step`` by one that no longer calls ``_all_reduce_sum_gradients``.
 
-    def update_without_the_hook(self, grads, trainable_variables, learning_rate):
-        for grad, var in zip(grads, trainable_variables):
-            self.update_step(grad, var.value if isinstance(var, keras.Variable) else var, learning_rate)
-
-    monkeypatch.setattr(TFOptimizer, "_backend_update_step", update_without_the_hook)
-    keras_internals._hook_checked.clear()  # the next check probes this Keras
-    yield
+    The once-a-process probe keeps its passing result: what must stop training
+    is the check of every ``apply``.
+    """
+    yield lambda: monkeypatch.setattr(TFOptimizer, "_backend_update_step", _update_without_the_hook)
     monkeypatch.undo()
     keras_internals.check_aggregation_hook(force=True)  # the real Keras passes again
 
@@ -32,25 +34,57 @@ def test_the_probe_passes_on_this_keras():
     keras_internals.check_aggregation_hook(force=True)
 
 
-def test_a_moved_hook_stops_an_optimizer_at_build(moved_hook):
-    with pytest.raises(keras_internals.KerasHookError, match=r"_all_reduce_sum_gradients.*tested with Keras 3\.15"):
+def test_the_probe_finds_a_moved_hook(move_hook):
+    move_hook()
+    with pytest.raises(keras_internals.KerasHookError, match=r"_all_reduce_sum_gradients.*Keras 3\.10 to 3\.15"):
         keras_internals.check_aggregation_hook(force=True)
-    optimizer = kgo.SGDGC(learning_rate=1.0, global_clipnorm=1.0)
-    variable = keras.Variable(np.ones((2, 2), np.float32))
-    with pytest.raises(keras_internals.KerasHookError):
-        optimizer.apply([tf.ones((2, 2))], [variable])
-    np.testing.assert_array_equal(variable.numpy(), np.ones((2, 2)))  # nothing was applied
 
 
-def test_a_moved_hook_stops_a_wrapper_model_before_training(moved_hook):
+OPTIMIZERS = {
+    "SGDGC": lambda: kgo.SGDGC(learning_rate=1.0, momentum=0.5, global_clipnorm=1.0),
+    "AdamGC-update": lambda: kgo.AdamGC(learning_rate=0.1, clipnorm=1.0, centralization="update"),
+    "AdagradGCC-skip": lambda: kgo.AdagradGCC(learning_rate=0.1, clipvalue=0.5, skip_nonfinite=True),
+    "centralized-Lion": lambda: kgo.with_gradient_centralization(keras.optimizers.Lion(0.1, global_clipnorm=1.0)),
+    "centralized-RMSprop": lambda: kgo.with_gradient_centralization(keras.optimizers.RMSprop(0.1)),
+}
+
+
+@pytest.mark.parametrize("in_function", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("make", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_a_hook_moved_after_training_stops_the_next_apply(move_hook, make, in_function):
+    optimizer = make()
+    variable = keras.Variable(np.arange(6, dtype=np.float32).reshape(2, 3))
+    gradient = tf.constant([[3.0, 0.0, 1.0], [0.0, 4.0, 2.0]])
+    apply = (lambda: optimizer.apply([gradient], [variable]))
+    optimizer.apply([gradient], [variable])  # trains with Keras as it is
+    first = variable.numpy()
+    assert optimizer.iterations.numpy() == 1 and not np.array_equal(first, np.arange(6).reshape(2, 3))
+    move_hook()
+    with pytest.raises(keras_internals.KerasHookError, match=r"updated a variable without calling `_all_reduce_sum_gradients`"):
+        tf.function(apply)() if in_function else apply()
+    np.testing.assert_array_equal(variable.numpy(), first)  # nothing was applied
+    assert optimizer.iterations.numpy() == 1
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+@pytest.mark.parametrize("wrapper", ["GradientOpsModel", "GuessedGradientModel"])
+def test_a_hook_moved_after_training_stops_a_wrapper_model(move_hook, wrapper, run_eagerly):
     net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    model = kgo.GradientOpsModel(net, global_clipnorm=1.0)
-    model.compile(optimizer="sgd", loss="mse")
-    before = [w.copy() for w in net.get_weights()]
-    with pytest.raises(keras_internals.KerasHookError, match="Keras"):
-        model.fit(np.ones((4, 3)), np.zeros((4, 2)), verbose=0)
-    for b, w in zip(before, net.get_weights()):
-        np.testing.assert_array_equal(b, w)
+    if wrapper == "GradientOpsModel":
+        model = kgo.GradientOpsModel(net, global_clipnorm=1.0)
+    else:
+        model = kgo.GuessedGradientModel(net, method="directional_descent", seed=1)
+    x, y = np.ones((4, 3), np.float32), np.zeros((4, 2), np.float32)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", run_eagerly=run_eagerly)
+    model.fit(x, y, verbose=0)
+    trained = [w.copy() for w in net.get_weights()]
+    move_hook()
+    if not run_eagerly:
+        model.compile(optimizer=model.optimizer, loss="mse")  # a new train function, traced on the moved Keras
+    with pytest.raises(keras_internals.KerasHookError, match="without calling `_all_reduce_sum_gradients`"):
+        model.fit(x, y, verbose=0)
+    for before, after in zip(trained, net.get_weights()):
+        np.testing.assert_array_equal(before, after)
 
 
 def test_an_optimizer_serves_one_wrapper_model():
