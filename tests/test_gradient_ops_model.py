@@ -96,6 +96,9 @@ def test_telemetry_is_the_epoch_mean_of_tape_norms(jit_compile):
     assert "skipped_steps" not in history  # only logged with skip_nonfinite
     evaluation = model.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
     assert set(evaluation) == {"loss"}
+    loss = model.evaluate(x, y, batch_size=8, verbose=0)  # a Python float, as plain Keras returns
+    assert type(loss) is float
+    np.testing.assert_allclose(loss, np.mean((model.model.predict(x, verbose=0) - y) ** 2), rtol=1e-5)
 
 
 # ---------------------------------------------------------------- gradient ops inside the step

@@ -114,4 +114,5 @@ def with_gradient_centralization(optimizer, conv_only=False, fan_in_axes=None, s
 
 
 for _name in BUILTIN_OPTIMIZERS:
-    centralized_class(getattr(keras.optimizers, _name))
+    if hasattr(keras.optimizers, _name):  # an older Keras lacks the newer ones (Muon)
+        centralized_class(getattr(keras.optimizers, _name))

@@ -51,6 +51,10 @@ def _layer_norm_names(model, layer_norms):
     return tuple(chosen)
 
 
+def _python_number(value):
+    return float(value) if tf.is_tensor(value) and value.shape.rank == 0 else value
+
+
 @keras.saving.register_keras_serializable(package="keras_gradops")
 class GradientOpsModel(keras_internals.MultiWorkerSymbolicBuildMixin, ChainTrainStep, keras.Model):
     """Trains a Keras model with the gradient chain and any Keras optimizer, logging telemetry.
@@ -175,6 +179,15 @@ class GradientOpsModel(keras_internals.MultiWorkerSymbolicBuildMixin, ChainTrain
     def build(self, input_shape=None):
         # No weights of its own; the wrapped model builds itself on its first call.
         self.built = True
+
+    def evaluate(self, *args, **kwargs):
+        """As ``keras.Model.evaluate``, its results Python numbers on every Keras.
+
+        Keras 3.10 to 3.13 return the test step's tensors when the step's log
+        names differ from ``self.metrics`` (they do here: the telemetry metrics
+        are left out of evaluation); Keras 3.14 and newer return Python numbers.
+        """
+        return tf.nest.map_structure(_python_number, super().evaluate(*args, **kwargs))
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
         """As ``keras.Model.export``: the inference function only (``serve``).

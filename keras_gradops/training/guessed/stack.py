@@ -30,12 +30,12 @@ from keras_gradops.keras_internals import all_layers, node_inputs, producing_lay
 from keras_gradops.training.guessed import methods as m
 from keras_gradops.training.guessed.kernel_gradient import kernel_gradient
 
-NORMALIZATION_LAYERS = (
-    keras.layers.BatchNormalization,
-    keras.layers.LayerNormalization,
-    keras.layers.GroupNormalization,
-    keras.layers.RMSNormalization,
-    keras.layers.UnitNormalization,
+# The normalisation layers the installed Keras has (an older Keras lacks the newer ones, RMSNormalization).
+NORMALIZATION_LAYERS = tuple(
+    getattr(keras.layers, name)
+    for name in ("BatchNormalization", "LayerNormalization", "GroupNormalization", "RMSNormalization",
+                 "UnitNormalization")
+    if hasattr(keras.layers, name)
 )
 # Between two sites, weight_transpose and one_layer_downstream model these as the identity...
 _IDENTITY_IN_GUESS = (keras.layers.Dropout, *NORMALIZATION_LAYERS)
