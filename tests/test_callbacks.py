@@ -5,7 +5,6 @@ step can be recomputed independently with tf.GradientTape on the same batch.
 """
 
 import keras
-import matplotlib.image
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -35,8 +34,11 @@ def layer_stats(net, x, y, layer, centralize):
     return np.sqrt(sum(np.sum(g**2) for g in grads)), max(np.max(np.abs(g)) for g in grads)
 
 
+@pytest.mark.examples_extra  # the PNG needs matplotlib
 @pytest.mark.parametrize("stage", ["applied", "raw"])
 def test_records_each_steps_layer_statistics_and_writes_a_png(tmp_path, stage):
+    import matplotlib.image
+
     x = RNG.normal(size=(12, 5, 5, 2)).astype("float32")
     y = RNG.normal(size=(12, 2)).astype("float32")
     reference = conv_net()
@@ -59,7 +61,10 @@ def test_records_each_steps_layer_statistics_and_writes_a_png(tmp_path, stage):
     assert model._gradient_probe is None  # recording stops with training
 
 
+@pytest.mark.examples_extra  # the plot needs matplotlib
 def test_every_n_steps_and_a_comparison_plot(tmp_path):
+    import matplotlib.image
+
     x = RNG.normal(size=(16, 5, 5, 2)).astype("float32")
     y = RNG.normal(size=(16, 2)).astype("float32")
     runs = {}
@@ -107,6 +112,7 @@ def read_scalars(log_dir):
     return scalars
 
 
+@pytest.mark.examples_extra  # tf.summary needs TensorBoard (tensorflow-nightly does not bring it)
 def test_telemetry_and_layer_statistics_reach_tensorboard_event_files(tmp_path):
     x = RNG.normal(size=(24, 5, 5, 2)).astype("float32")
     y = RNG.normal(size=(24, 2)).astype("float32")

@@ -28,6 +28,8 @@ import guessing_gradients_cifar10  # noqa: E402
 import quickstart  # noqa: E402
 import serving_request  # noqa: E402
 
+pytestmark = pytest.mark.examples_extra
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

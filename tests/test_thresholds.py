@@ -96,6 +96,7 @@ def wrapper_run(threshold, gradients, save_after=None, tmp_path=None):
             path = str(tmp_path / "resumed.keras")
             model.save(path)
             model = keras.saving.load_model(path, custom_objects={"per_example_output": per_example_output})
+        model.reset_metrics()  # this step's logs alone (Keras 3.15 resets in train_on_batch, 3.10 does not)
         logs = model.train_on_batch(np.array([[g]], np.float32), np.zeros((1, 1), np.float32), return_dict=True)
         logged.append(logs.get("clip_threshold"))
     return float(model.model.get_weights()[0][0, 0]), logged, model
@@ -222,6 +223,7 @@ def test_the_threshold_comes_from_the_aggregated_norm(two_replica_strategy):
         model.compile(optimizer=keras.optimizers.SGD(1.0), loss=per_example_output, jit_compile=False)
     logged = []
     for scale in (1.0, 2.0):
+        model.reset_metrics()  # this step's logs alone (Keras 3.15 resets in train_on_batch, 3.10 does not)
         logs = model.train_on_batch(x * scale, np.zeros((2, 1), np.float32), return_dict=True)
         logged.append(logs["clip_threshold"])
     # Norms of the aggregated gradient: 5, then 10; median of [5] is 5, of [5, 10] is 7.5.
