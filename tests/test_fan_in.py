@@ -206,25 +206,25 @@ def test_fan_in_axes_mapping_per_layer_type():
 
 
 def test_mapping_survives_keras_renaming_the_outer_scope(tmp_path):
-    """The same layer under another outer name (another model, or a Sequential loaded from .keras,
+    """The same layer without its outer scope (built alone, or in a Sequential loaded from .keras,
     which drops its "sequential/" path prefix in Keras up to 3.15) keeps its mapping."""
     model = _model((4, 4, 2), L.Conv2DTranspose(3, 3, name="up"), L.Dense(2, name="head"))
     sequential = keras.Sequential([keras.Input((4, 4, 2)), L.Conv2DTranspose(3, 3, name="up")])
-    renamed = keras.Sequential([keras.Input((4, 4, 2)), L.Conv2DTranspose(3, 3, name="up")], name="renamed")
+    alone = L.Conv2DTranspose(3, 3, name="up")
+    alone.build((None, 4, 4, 2))
     path = str(tmp_path / "s.keras")
     sequential.save(path)
     loaded = keras.saving.load_model(path)
-    assert sequential.weights[0].path != renamed.weights[0].path
+    assert alone.kernel.path == "up/kernel" and sequential.weights[0].path.endswith("/up/kernel")
     for mapping_from, variable in [(sequential, loaded.weights[0]), (loaded, sequential.weights[0]),
-                                   (sequential, renamed.weights[0]), (renamed, sequential.weights[0]),
-                                   (sequential, model.weights[0])]:
+                                   (sequential, alone.kernel), (sequential, model.weights[0])]:
         assert fan_in.resolve_fan_in_axes(variable, kgo.fan_in_axes(mapping_from)) == (0, 1, 3)
     assert fan_in.resolve_fan_in_axes(model.weights[2], kgo.fan_in_axes(sequential)) == (0,)  # head/kernel
     ambiguous = {"a/up/kernel": (0, 1, 3), "b/up/kernel": (0, 1, 2)}
     with pytest.raises(ValueError, match="fan_in_axes"):
-        fan_in.resolve_fan_in_axes(loaded.weights[0], ambiguous)
+        fan_in.resolve_fan_in_axes(alone.kernel, ambiguous)
     agreeing = {"a/up/kernel": (0, 1, 3), "b/up/kernel": [0, 1, 3]}
-    assert fan_in.resolve_fan_in_axes(loaded.weights[0], agreeing) == (0, 1, 3)
+    assert fan_in.resolve_fan_in_axes(alone.kernel, agreeing) == (0, 1, 3)
 
 
 def test_default_fan_in_axes():
