@@ -47,6 +47,7 @@ The other private uses, each a read of state Keras' own subclasses read:
   elsewhere).
 """
 
+import functools
 import threading
 import weakref
 
@@ -55,6 +56,8 @@ import tensorflow as tf
 
 TESTED_KERAS = ("3.10", "3.15")
 """The oldest and newest Keras release lines CI tests (``.ci/run``); ``pyproject.toml`` allows any newer."""
+TESTED_TENSORFLOW = ("2.18", "2.21")
+"""The same for TensorFlow."""
 
 
 class KerasHookError(RuntimeError):
@@ -65,14 +68,39 @@ class KerasHookError(RuntimeError):
     __init__ = Exception.__init__
 
 
+def _tested_range():
+    (keras_oldest, keras_newest), (tf_oldest, tf_newest) = TESTED_KERAS, TESTED_TENSORFLOW
+    return (
+        f"It is tested with Keras {keras_oldest} to {keras_newest} and TensorFlow {tf_oldest} to {tf_newest} "
+        f"(`pip install 'keras=={keras_newest}.*' 'tensorflow=={tf_newest}.*'`); please report the versions "
+        "that failed."
+    )
+
+
 def _hook_error(problem):
-    oldest, newest = TESTED_KERAS
     return KerasHookError(
         f"keras_gradops cannot reach the aggregated gradient in Keras {keras.__version__}: {problem}. "
-        "Its clipping and gradient checks would silently not run, so it stops here. "
-        f"It is tested with Keras {oldest} to {newest} (`pip install 'keras=={newest}.*'`); "
-        "please report the Keras version that failed."
+        f"Its clipping and gradient checks would silently not run, so it stops here. {_tested_range()}"
     )
+
+
+def _private(what):
+    """Turns a missing private attribute or module into a :class:`KerasHookError` that names it."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def reading_private_api(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except (AttributeError, ImportError) as error:
+                raise KerasHookError(
+                    f"keras_gradops reads {what}, which Keras {keras.__version__} / TensorFlow {tf.__version__} "
+                    f"no longer provides ({type(error).__name__}: {error}). {_tested_range()}"
+                ) from error
+
+        return reading_private_api
+
+    return decorate
 
 
 # -- the aggregated gradient ---------------------------------------------------------------
@@ -251,11 +279,13 @@ def _probe_in_this_thread():
 # -- optimizer state Keras' own subclasses read --------------------------------------------
 
 
+@_private("`Optimizer._get_variable_index`")
 def variable_index(optimizer, variable):
     """The position of ``variable`` in the list ``optimizer`` was built with."""
     return optimizer._get_variable_index(variable)
 
 
+@_private("`Optimizer._use_weight_decay`")
 def uses_weight_decay(optimizer, variable):
     """Whether ``optimizer.exclude_from_weight_decay`` leaves ``variable`` decayed."""
     return optimizer._use_weight_decay(variable)
@@ -264,6 +294,7 @@ def uses_weight_decay(optimizer, variable):
 # -- trainer and model internals -----------------------------------------------------------
 
 
+@_private("`Trainer._loss_tracker`")
 def loss_tracker(model):
     """The ``loss`` metric Keras' own ``train_step`` updates, or ``None`` (not compiled with a loss)."""
     return model._loss_tracker
@@ -303,22 +334,34 @@ class MultiWorkerSymbolicBuildMixin:
         return super()._maybe_symbolic_build(data_batch=data_batch)
 
 
+@_private("`Layer._flatten_layers`")
 def all_layers(model, include_self=False):
-    """Every layer of ``model``, nested ones included."""
+    """Every layer of ``model``, nested ones included.
+
+    Raises:
+        TypeError: ``model`` is not a layer (e.g. an operation of a functional graph, such as ``GetItem``).
+    """
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            f"`{getattr(model, 'name', model)}` ({type(model).__name__}) is a Keras operation, not a layer."
+        )
     return list(model._flatten_layers(include_self=include_self, recursive=True))
 
 
+@_private("`KerasTensor._keras_history`")
 def producing_layer(tensor):
     """``(layer, node_index)`` of the layer call that produced a functional model's tensor."""
     layer, node_index, _ = tensor._keras_history
     return layer, node_index
 
 
+@_private("`Operation._inbound_nodes`")
 def node_inputs(layer, node_index):
     """The input tensors of one call (node) of ``layer`` in a functional model."""
     return layer._inbound_nodes[node_index].input_tensors
 
 
+@_private("`keras.src.export.export_utils.get_input_signature`")
 def input_signature(model):
     """The input signature Keras' ``export`` would use for ``model``."""
     from keras.src.export import export_utils
@@ -326,20 +369,16 @@ def input_signature(model):
     return export_utils.get_input_signature(model)
 
 
+@_private("`tf.__internal__.distribute.strategy_supports_no_merge_call`")
 def strategy_supports_no_merge_call():
     """Whether the current strategy runs optimizer updates without ``merge_call``."""
     return tf.__internal__.distribute.strategy_supports_no_merge_call()
 
 
+@_private("`tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext`")
 def compiled_by_xla():
     """Whether the function being traced will be compiled by XLA (``jit_compile=True``)."""
-    try:
-        from tensorflow.python.framework.ops import get_default_graph
-        from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
-    except ImportError as error:  # pragma: no cover - depends on the TensorFlow version
-        raise KerasHookError(
-            "keras_gradops' guessed gradients need tensorflow.python.ops.control_flow_util."
-            f"GraphOrParentsInXlaContext, as in TensorFlow 2.21; this TensorFlow ({tf.__version__}) "
-            f"does not have it: {error}"
-        ) from error
+    from tensorflow.python.framework.ops import get_default_graph
+    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+
     return bool(GraphOrParentsInXlaContext(get_default_graph()))

@@ -126,3 +126,28 @@ def test_compiled_by_xla_tells_which_runtime_traces(jit_compile):
     step(tf.constant(1.0))
     assert seen == [jit_compile]
     assert keras_internals.compiled_by_xla() is False  # eager
+
+
+@pytest.mark.parametrize("owner, attribute, read", [
+    (keras.optimizers.Optimizer, "_get_variable_index",
+     lambda: keras_internals.variable_index(keras.optimizers.SGD(), keras.Variable(1.0))),
+    (keras.layers.Layer, "_flatten_layers", lambda: keras_internals.all_layers(keras.layers.Dense(1))),
+    (tf.__internal__.distribute, "strategy_supports_no_merge_call",
+     keras_internals.strategy_supports_no_merge_call),
+], ids=["optimizer", "layer", "tensorflow"])
+def test_a_private_name_that_moved_is_a_keras_hook_error_naming_it_and_the_versions(monkeypatch, owner, attribute, read):
+    for cls in (owner.__mro__ if isinstance(owner, type) else (owner,)):
+        if attribute in vars(cls):
+            monkeypatch.delattr(cls, attribute)
+    with pytest.raises(keras_internals.KerasHookError, match=(
+        rf"{attribute}.*Keras {re.escape(keras.__version__)} / TensorFlow {re.escape(tf.__version__)}.*"
+        r"tested with Keras 3\.10 to 3\.15 and TensorFlow 2\.18 to 2\.21"
+    )):
+        read()
+
+
+def test_an_operation_is_not_taken_for_a_layer():
+    getitem, _ = keras_internals.producing_layer(keras.Input((2, 3))[:, 0])
+    assert type(getitem).__name__ == "GetItem" and not isinstance(getitem, keras.layers.Layer)
+    with pytest.raises(TypeError, match="is a Keras operation, not a layer"):
+        keras_internals.all_layers(getitem)
