@@ -56,7 +56,7 @@ def test_a_hook_moved_after_training_stops_the_next_apply(move_hook, make, in_fu
     variable = keras.Variable(np.arange(6, dtype=np.float32).reshape(2, 3))
     gradient = tf.constant([[3.0, 0.0, 1.0], [0.0, 4.0, 2.0]])
     apply = (lambda: optimizer.apply([gradient], [variable]))
-    optimizer.apply([gradient], [variable])  # trains with Keras as it is
+    apply()  # trains with Keras as it is
     first = variable.numpy()
     assert optimizer.iterations.numpy() == 1 and not np.array_equal(first, np.arange(6).reshape(2, 3))
     move_hook()
