@@ -13,7 +13,7 @@ if keras.backend.backend() != "tensorflow":
         f"the active backend is {keras.backend.backend()!r}."
     )
 
-from keras_gradops import callbacks, cluster, ops, serving  # noqa: E402
+from keras_gradops import callbacks, cluster, layers, ops, serving  # noqa: E402
 from keras_gradops.fan_in import fan_in_axes  # noqa: E402
 from keras_gradops.serving import export_for_serving  # noqa: E402
 from keras_gradops.thresholds import AutoClip, ZClip  # noqa: E402
@@ -39,6 +39,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoClip", "GradientOpsModel", "GradientWrapperModel", "GuessedGradientModel", "ZClip",
     "SGDGC", "SGDGCC", "SGDWGC", "SGDWGCC", "AdamGC", "AdamGCC", "AdamWGC", "AdamWGCC",
-    "AdagradGC", "AdagradGCC", "callbacks", "centralized_class", "cluster", "export_for_serving", "fan_in_axes", "ops", "serving",
+    "AdagradGC", "AdagradGCC", "callbacks", "centralized_class", "cluster", "export_for_serving", "fan_in_axes", "layers", "ops", "serving",
     "with_gradient_centralization",
 ]

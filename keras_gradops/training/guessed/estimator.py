@@ -81,6 +81,15 @@ def _per_example_sum(values):
     return tf.reduce_sum(values, axis=list(range(1, values.shape.rank)))
 
 
+def _directional_derivatives(cotangent, tangent):
+    """Each example's ``<dL/dy_pred_b, JVP(y_pred)_b>`` over every output (``None`` tangents are zero)."""
+    terms = [_per_example_sum(c * tf.cast(t, c.dtype))
+             for c, t in zip(tf.nest.flatten(cotangent), tf.nest.flatten(tangent)) if t is not None]
+    if not terms:
+        return tf.zeros(tf.shape(tf.nest.flatten(cotangent)[0])[:1], tf.float32)
+    return tf.add_n(terms)
+
+
 def _times_per_example(d, y):
     d = tf.cast(d, y.dtype)
     return tf.reshape(d, [-1] + [1] * (y.shape.rank - 1)) * y
@@ -125,10 +134,12 @@ class GradientGuesser:
         variables: the trainable variables the gradients align with.
         noise: the distribution of every draw, ``"rademacher"`` or ``"normal"``
             (:mod:`~keras_gradops.training.guessed.noise`).
+        perturbation_scale: ``spsa``'s step ``eps`` (see :meth:`_zeroth_order_pass`).
     """
 
-    def __init__(self, stack, method, num_guesses, recompute, variables, noise=DEFAULT):
+    def __init__(self, stack, method, num_guesses, recompute, variables, noise=DEFAULT, perturbation_scale=None):
         self.stack = stack
+        self.perturbation_scale = perturbation_scale
         self.noise = noise
         self.method = method
         self.num_guesses = num_guesses
@@ -145,7 +156,8 @@ class GradientGuesser:
         """Guesses the gradient of ``loss_fn`` for one batch.
 
         Args:
-            x: the input batch (one tensor).
+            x: the input batch: one tensor for a chain, any structure the
+                model takes for a model run as one layer.
             loss_fn: ``y_pred -> (loss, objective)``; the gradient is the
                 objective's (e.g. the loss-scaled loss).
             seed: an int64 ``[2]`` tensor; every draw of the step derives from it.
@@ -156,22 +168,27 @@ class GradientGuesser:
         Returns:
             A :class:`GuessResult`.
         """
-        x = tf.convert_to_tensor(x)
+        x = tf.nest.map_structure(tf.convert_to_tensor, x)
         if self.method.exact:
             return self._backprop(x, loss_fn, training)
         gradients = [None] * len(self.variables)
         true_gradients = None
+        if true_gradient and self.method.zeroth_order:  # at the weights, before they move; in spsa's mode
+            true_gradients = self._backprop(x, loss_fn, training=False).gradients
         passes = []
         streams = len(self.stack.sites) + len(self.perturbed)
         seeds = tf.reshape(seed_table(seed, self.num_guesses * streams), [self.num_guesses, streams, 2])
         kept = None  # how many sites keep their records: decided by the first pass, followed by the others
         for k in range(self.num_guesses):
-            tape = tf.GradientTape() if true_gradient and k == 0 else contextlib.nullcontext()
-            with tape:
-                result = self._tangent_pass(x, loss_fn, seeds[k], training, kept)
+            if self.method.zeroth_order:
+                result = self._zeroth_order_pass(x, loss_fn, seeds[k], waits=[p["objective"] for p in passes[-1:]])
+            else:
+                tape = tf.GradientTape() if true_gradient and k == 0 else contextlib.nullcontext()
+                with tape:
+                    result = self._tangent_pass(x, loss_fn, seeds[k], training, kept)
+                if true_gradient and k == 0:
+                    true_gradients = tape.gradient(result["objective"], self.variables)
             kept = result["kept"]
-            if true_gradient and k == 0:
-                true_gradients = tape.gradient(result["objective"], self.variables)
             passes.append(result)
             for v, grad in result["perturbed_grads"]:
                 self._accumulate(gradients, v, grad)
@@ -192,6 +209,24 @@ class GradientGuesser:
             draws=[_made(p["draws"]) for p in passes] if record_draws else None,
         )
 
+    def plan(self):
+        """``{variable path: rule}``: how each trainable variable's gradient is guessed."""
+        method = self.method.name
+        if self.method.exact:
+            return {v.path: "exact gradient (backprop)" for v in self.variables}
+        if self.method.zeroth_order:
+            return {v.path: "spsa: (L(theta + eps z) - L(theta - eps z)) / (2 eps) z, weights moved in place"
+                    for v in self.variables}
+        rules = {}
+        for site in self.guessed_sites:
+            last = self.method.uses_next_layer and self.stack.next_site(site) is None
+            where = f"the pre-activation of {site.layer.name!r}"
+            rule = f"activation_perturbation at {where} (the last Dense/Conv2D layer)" if last else f"{method} at {where}"
+            rules.update((id(v), rule) for v in site.variables)
+        for v in self.perturbed:
+            rules[id(v)] = "weight perturbation: (grad L . V) V, a random tangent V on the variable"
+        return {v.path: rules[id(v)] for v in self.variables}
+
     def _accumulate(self, gradients, variable, value):
         i = self._position[id(variable)]
         gradients[i] = _add(gradients[i], None if value is None else tf.cast(value, variable.dtype))
@@ -210,7 +245,7 @@ class GradientGuesser:
         """``V ~ noise`` for each perturbed variable of a layer, drawn once the layer's input ``x`` exists."""
         tangents = []
         for v in variables:
-            tangent = draw(self.noise, seeds[self._stream[id(v)]], v.shape, v.dtype, after=[x])
+            tangent = draw(self.noise, seeds[self._stream[id(v)]], v.shape, v.dtype, after=tf.nest.flatten(x))
             draws[v.path] = tangent
             tangents.append(tangent)
         return tangents
@@ -279,14 +314,61 @@ class GradientGuesser:
         y_pred = x
         loss, objective, cotangent, regularization = self._loss_head(loss_fn, y_pred)
         if tangent is None:
-            tangent = tf.zeros_like(y_pred)
-        d = _per_example_sum(cotangent * tf.cast(tangent, cotangent.dtype))
+            tangent = tf.nest.map_structure(lambda _: None, y_pred)
+        d = _directional_derivatives(cotangent, tangent)
         total = tf.reduce_sum(d)
         if self.stack.couples_examples:
             d = tf.fill(tf.shape(d), total)
         perturbed_grads = [(v, total * tf.cast(t, tf.float32)) for v, t in perturbed]
         return dict(loss=loss, objective=objective, y_pred=y_pred, d=d, records=records, kept=kept, resume=resume,
                     draws=draws, perturbed_grads=perturbed_grads, regularization_grads=regularization)
+
+    def _zeroth_order_pass(self, x, loss_fn, seeds, waits=()):
+        """One SPSA guess (MeZO's estimator; Spall 1992; Malladi et al. 2023, arXiv 2305.17333).
+
+        With ``z ~ noise`` drawn from each variable's seed and ``eps`` the
+        perturbation scale, the weights move in place,
+        ``theta + eps z`` (loss ``L+``), ``theta - eps z`` (``L-``), back to
+        ``theta``, and the guess is
+
+            g_hat = (L+ - L-) / (2 eps) * z,
+
+        an estimate of ``(grad L . z) z`` (directional descent's guess) to
+        ``O(eps^2)``. ``z`` is never stored: each move draws it again from the
+        seed, after the loss before it (so it can neither be drawn early nor,
+        under XLA, merged with an earlier draw); the last move's ``z`` gives
+        the guess. Memory is a forward pass's, as for inference. As in MeZO
+        the two forward passes run in inference mode (``training=False``):
+        dropout off and BatchNormalization reading its moving statistics, so
+        both see the same function. The restored weights equal ``theta`` up to
+        float rounding (a few ulps). Reports the mean of ``L+`` and ``L-``
+        (``L(theta) + O(eps^2)``) and the second pass's predictions.
+        """
+        eps = self.perturbation_scale
+        directions = []
+
+        def move(scale, waits):
+            directions.clear()
+            for v in self.variables:
+                z = draw(self.noise, seeds[self._stream[id(v)]], v.shape, v.dtype, after=waits)
+                v.assign_add(z * tf.cast(scale, v.dtype))
+                directions.append(z)
+                waits = [z]  # one variable's draw after another's: never all of them at once
+
+        def loss_at(scale, waits):
+            move(scale, waits)
+            y_pred = self.stack.run(x, None, training=False)
+            loss, objective = loss_fn(y_pred)
+            return y_pred, loss, tf.cast(objective, tf.float32)
+
+        _, loss_plus, objective_plus = loss_at(eps, [*waits, *tf.nest.flatten(x)])
+        y_pred, loss_minus, objective_minus = loss_at(-2.0 * eps, [objective_plus])
+        move(eps, [objective_minus])
+        projected = (objective_plus - objective_minus) / (2.0 * eps)
+        return dict(loss=(loss_plus + loss_minus) / 2, objective=objective_minus, y_pred=y_pred, d=None, records=[],
+                    kept=0, resume=None, draws={v.path: z for v, z in zip(self.variables, directions)},
+                    perturbed_grads=[(v, projected * tf.cast(z, tf.float32)) for v, z in zip(self.variables, directions)],
+                    regularization_grads=[])
 
     def _shared_next_pre_activation(self, site, s):
         """The next site's pre-activation for ``one_layer_downstream``'s guess, which that site then uses too.
@@ -337,8 +419,7 @@ class GradientGuesser:
             tape.watch(values)
             loss, objective = loss_fn(y_pred)
         cotangent, *regularization = tape.gradient(objective, [y_pred] + values)
-        if cotangent is None:
-            cotangent = tf.zeros_like(y_pred)
+        cotangent = tf.nest.map_structure(lambda c, y: tf.zeros_like(y) if c is None else c, cotangent, y_pred)
         return loss, objective, cotangent, regularization
 
     def _recomputed_site_updates(self, resume, ds, seeds, training, gradients):

@@ -26,6 +26,9 @@ class GuessingMethod:
         perturbs_weights: the tangent is a random direction of the weights
             themselves (directional descent): no per-layer guess.
         exact: the true gradient (backprop, the oracle): no draw at all.
+        zeroth_order: the guess is a finite difference of the loss along a
+            random direction of the weights, from two forward passes with
+            the weights perturbed in place (SPSA, as MeZO): no derivative.
         uses_next_layer: the guess of a layer is pulled back through the next
             Dense/Conv2D kernel, so only reshapes may stand between sites.
         shares_next_pre_activation: the guess needs the next site's
@@ -36,6 +39,7 @@ class GuessingMethod:
     layer_guess: Optional[Callable] = None
     perturbs_weights: bool = False
     exact: bool = False
+    zeroth_order: bool = False
     uses_next_layer: bool = False
     shares_next_pre_activation: bool = False
 
@@ -59,10 +63,12 @@ WEIGHT_TRANSPOSE = GuessingMethod("weight_transpose", guesses.weight_transpose, 
 ACTIVATION_MIXING = GuessingMethod("activation_mixing", guesses.activation_mixing)
 ONE_LAYER_DOWNSTREAM = GuessingMethod("one_layer_downstream", guesses.one_layer_downstream, uses_next_layer=True,
                                       shares_next_pre_activation=True)
+SPSA = GuessingMethod("spsa", zeroth_order=True)
 BACKPROP = GuessingMethod("backprop", exact=True)
 
 ALL_METHODS = (
-    DIRECTIONAL_DESCENT, ACTIVATION_PERTURBATION, WEIGHT_TRANSPOSE, ACTIVATION_MIXING, ONE_LAYER_DOWNSTREAM, BACKPROP,
+    DIRECTIONAL_DESCENT, ACTIVATION_PERTURBATION, WEIGHT_TRANSPOSE, ACTIVATION_MIXING, ONE_LAYER_DOWNSTREAM, SPSA,
+    BACKPROP,
 )
 METHODS = tuple(method.name for method in ALL_METHODS)
 """The names ``method=`` accepts."""
@@ -103,6 +109,33 @@ def validate_recompute(recompute, method):
             f"keeps none (it needs no recomputation). Use it with one of {ACTIVATION_SPACE_METHODS}."
         )
     return recompute
+
+
+DEFAULT_PERTURBATION_SCALE = 1e-3
+"""``spsa``'s default ``perturbation_scale``, MeZO's ``eps``."""
+
+
+def validate_perturbation_scale(perturbation_scale, method):
+    """``spsa``'s step ``eps``: ``perturbation_scale`` (a float > 0), or the default for ``None``.
+
+    Raises:
+        ValueError: a value that is not a positive finite number, or one given
+            to a method that perturbs no weights in place.
+    """
+    if perturbation_scale is None:
+        return DEFAULT_PERTURBATION_SCALE if method.zeroth_order else None
+    if not method.zeroth_order:
+        raise ValueError(
+            f"`perturbation_scale` is the step of method='spsa'; method={method.name!r} does not use it. "
+            f"Received: perturbation_scale={perturbation_scale!r}"
+        )
+    if (isinstance(perturbation_scale, bool) or not isinstance(perturbation_scale, (int, float))
+            or not 0 < perturbation_scale < float("inf")):
+        raise ValueError(
+            f"`perturbation_scale` must be a finite number > 0 (MeZO uses 1e-3). "
+            f"Received: perturbation_scale={perturbation_scale!r}"
+        )
+    return float(perturbation_scale)
 
 
 def validate_noise(noise, method):

@@ -45,8 +45,21 @@ class GuessedGradientModel(GradientOpsModel):
       (CIFAR-10, ``examples/guessing_gradients_cifar10.py``).
     - ``"one_layer_downstream"``: ``eps`` at the next layer's output pulled back
       through that layer's true Jacobian.
-    - ``"backprop"``: the exact gradient through the same layer-by-layer forward
-      pass, as the oracle.
+    - ``"spsa"``: a zeroth-order guess, MeZO's estimator (Malladi et al. 2023,
+      arXiv 2305.17333): the trainable weights move in place to
+      ``theta + eps z`` and ``theta - eps z`` (``z`` drawn from a seed, never
+      stored), ``g_hat = (L+ - L-) / (2 eps) z``; two forward passes in
+      inference mode, no derivative: a forward pass's memory.
+    - ``"backprop"``: the exact gradient, as the oracle.
+
+    Which models: ``directional_descent``, ``spsa`` and ``backprop`` train any
+    built Keras model (functional graphs with residuals, transformers,
+    keras_hub backbones under a head, nested and subclassed models), running
+    its own call; the activation-space methods train chains (a Sequential, or
+    a functional model where every layer takes the previous layer's output).
+    Only trainable variables are guessed: frozen weights (``trainable=False``,
+    LoRA's base kernels after ``enable_lora``) stay bit-for-bit unchanged.
+    :meth:`guess_plan` lists the rule each trainable variable gets.
 
     ``weight_transpose`` and ``one_layer_downstream`` guess the last layer by
     activation perturbation. Masks are the activation's Jacobian (``1[s > 0]``
@@ -55,9 +68,9 @@ class GuessedGradientModel(GradientOpsModel):
     :class:`~keras_gradops.GradientOpsModel`.
 
     Args:
-        model: a built Sequential or functional stack (see
-            :mod:`keras_gradops.training.guessed.stack` for the layers each
-            method supports).
+        model: a built Keras model (see
+            :mod:`keras_gradops.training.guessed.stack` for the models and
+            layers each method supports).
         method: one of the methods above.
         num_guesses: independent guesses averaged per step (one forward pass each).
         recompute: where the update gets each layer's input and guess, which
@@ -83,13 +96,17 @@ class GuessedGradientModel(GradientOpsModel):
             the same expected guess; a 64-bit word gives 64 signs, which
             cuts the guessed step's overhead (see
             ``benchmarks/guessed_gradients.py``).
+        perturbation_scale: ``spsa``'s step ``eps`` (default ``1e-3``, MeZO's);
+            an error for other methods.
         **kwargs: :class:`~keras_gradops.GradientOpsModel` arguments (gradient ops, ...).
 
     Raises:
         ValueError: an unknown method, ``num_guesses < 1``, a model that is not
-            built, has no trainable weights or holds a layer the method does not
+            built, has no trainable weights, is not a chain for an
+            activation-space method, or holds a layer the method does not
             support (the message names the methods that do), an unknown
-            ``noise`` or ``recompute``.
+            ``noise`` or ``recompute``, a ``perturbation_scale`` that is not
+            a positive number or is given to a method other than ``spsa``.
 
     Example:
         >>> net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu"),
@@ -101,9 +118,10 @@ class GuessedGradientModel(GradientOpsModel):
     """
 
     def __init__(self, model, method, num_guesses=1, recompute="auto", cosine_diagnostics=False, seed=None,
-                 noise=None, **kwargs):
+                 noise=None, perturbation_scale=None, **kwargs):
         guessing = m.get(method)
         distribution = m.validate_noise(noise, guessing)
+        scale = m.validate_perturbation_scale(perturbation_scale, guessing)
         m.validate_num_guesses(num_guesses, guessing)
         m.validate_recompute(recompute, guessing)
         if not isinstance(cosine_diagnostics, bool):
@@ -119,6 +137,8 @@ class GuessedGradientModel(GradientOpsModel):
         self.cosine_diagnostics = cosine_diagnostics
         self.seed = seed
         self.noise = noise
+        self.perturbation_scale = perturbation_scale
+        self._scale = scale
         self._distribution = distribution
         self._stack = stack
         self._guesser = None
@@ -133,20 +153,46 @@ class GuessedGradientModel(GradientOpsModel):
         if self._guesser is None:
             self._guesser = GradientGuesser(
                 self._stack, self._guessing, self.num_guesses, self._stack.recompute, self.trainable_variables,
-                self._distribution
+                self._distribution, self._scale
             )
         return self._guesser
 
+    def guess_plan(self):
+        """How each trainable variable's gradient is guessed: ``{variable path: rule}``.
+
+        Frozen variables (``trainable=False``, LoRA's base kernels) are not
+        listed: they get no gradient and never change.
+
+        Example:
+            >>> net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu", name="hidden"),
+            ...                         keras.layers.Dense(2, name="out")], name="net")
+            >>> for path, rule in GuessedGradientModel(net, method="weight_transpose").guess_plan().items():
+            ...     print(path, "->", rule)
+            net/hidden/kernel -> weight_transpose at the pre-activation of 'hidden'
+            net/hidden/bias -> weight_transpose at the pre-activation of 'hidden'
+            net/out/kernel -> activation_perturbation at the pre-activation of 'out' (the last Dense/Conv2D layer)
+            net/out/bias -> activation_perturbation at the pre-activation of 'out' (the last Dense/Conv2D layer)
+        """
+        return self.guesser.plan()
+
     def _guess(self, x, y, sample_weight, seed, true_gradient=False, record_draws=False):
-        inputs = tf.nest.flatten(x)
-        if len(inputs) != 1:
-            raise ValueError(f"A stack takes one input tensor; received {len(inputs)}.")
+        inputs = x
+        if self._stack.is_chain:
+            inputs = tf.nest.flatten(x)
+            if len(inputs) != 1:
+                raise ValueError(f"A chain takes one input tensor; received {len(inputs)}.")
+            inputs = inputs[0]
+        if self._guessing.zeroth_order and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            raise ValueError(
+                "method='spsa' moves the weights in place, which a distribution strategy's replicas cannot do "
+                "each on its own batch; train it without a strategy (or with one replica)."
+            )
 
         def loss_fn(y_pred):
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
             return loss, self.optimizer.scale_loss(loss)
 
-        result = self.guesser(inputs[0], loss_fn, seed, training=True, true_gradient=true_gradient,
+        result = self.guesser(inputs, loss_fn, seed, training=True, true_gradient=true_gradient,
                               record_draws=record_draws)
         scale = loss_scaling.loss_scale(self.optimizer)
         result.gradients = loss_scaling.unscale(result.gradients, scale)
@@ -211,5 +257,6 @@ class GuessedGradientModel(GradientOpsModel):
     def get_config(self):
         config = super().get_config()
         config.update(method=self.method, num_guesses=self.num_guesses, recompute=self.recompute,
-                      cosine_diagnostics=self.cosine_diagnostics, seed=self.seed, noise=self.noise)
+                      cosine_diagnostics=self.cosine_diagnostics, seed=self.seed, noise=self.noise,
+                      perturbation_scale=self.perturbation_scale)
         return config

@@ -1,14 +1,22 @@
-"""A Sequential or functional stack of layers, run layer by layer.
+"""A model's layers, run layer by layer where a method needs their insides.
 
-A guessed-gradient step needs each Dense/Conv2D layer's input ``x_l`` and
-pre-activation ``s_l = x_l W_l + b_l``, which ``model(x)`` hides, so it runs
-the stack itself: Dense and Conv2D layers ("sites") with the same Keras ops as
-their own ``call``, every other layer through its ``__call__``. A nested
-Sequential or chain functional model (a block) is run as its own layers.
+A method whose guesses live at the layers (the activation-space methods)
+needs each Dense/Conv2D layer's input ``x_l`` and pre-activation
+``s_l = x_l W_l + b_l``, which ``model(x)`` hides, so it runs a chain (a
+Sequential or single-input, single-output chain functional model) itself:
+Dense and Conv2D layers ("sites") with the same Keras ops as their own
+``call``, every other layer through its ``__call__``. A nested Sequential or
+chain functional model (a block) is run as its own layers.
+
+A method whose guess lives on the weights or needs no guess
+(``directional_descent``, ``spsa``, ``backprop``) runs any built Keras model,
+functional, Sequential or subclassed (residual graphs, transformers, keras_hub
+backbones under a head), as one layer: the model's own call walks its graph.
 
 Which layers each method supports (anything else raises at construction):
 
-- ``backprop``: every layer of a stack.
+- ``backprop``: every layer.
+- ``spsa``: every layer (two forward passes, no derivative).
 - ``directional_descent``: every layer but recurrent ones (forward-mode
   differentiation of their loop fails inside ``tf.function``).
 - ``activation_perturbation``, ``activation_mixing``: Dense and Conv2D sites,
@@ -210,9 +218,10 @@ def _draws_random_numbers(layer):
     )
 
 
-def _is_recurrent(layer):
-    return any(isinstance(sub, (keras.layers.RNN, keras.layers.Bidirectional))
-               for sub in all_layers(layer, include_self=True))
+def _recurrent_layer(layer):
+    """``layer`` or the first layer inside it that is recurrent, or ``None``."""
+    return next((sub for sub in all_layers(layer, include_self=True)
+                 if isinstance(sub, (keras.layers.RNN, keras.layers.Bidirectional))), None)
 
 
 def recompute_problem(layer):
@@ -225,14 +234,16 @@ def recompute_problem(layer):
 
 
 def layer_problem(layer, method, recompute=False):
-    """Why ``method`` cannot train ``layer`` in a stack (run twice if ``recompute``), or ``None`` if it can."""
-    if getattr(layer, "activity_regularizer", None) is not None:
-        return "its activity_regularizer adds a loss inside the layer call, which a guess cannot see"
-    if method.exact:
+    """Why ``method`` cannot train ``layer`` (run twice if ``recompute``), or ``None`` if it can."""
+    if method.exact or method.zeroth_order:
         return None
+    if any(getattr(sub, "activity_regularizer", None) is not None for sub in all_layers(layer, include_self=True)):
+        return "an activity_regularizer adds a loss inside a layer call, which a forward-mode guess cannot see"
     if method.perturbs_weights:
-        if _is_recurrent(layer):
-            return "forward-mode differentiation of a recurrent layer's loop fails inside tf.function"
+        recurrent = _recurrent_layer(layer)
+        if recurrent is not None:
+            where = "" if recurrent is layer else f" ({recurrent.name!r} inside it)"
+            return f"forward-mode differentiation of a recurrent layer's loop{where} fails inside tf.function"
         return None
     problem = recompute_problem(layer) if recompute else None
     if problem is not None:
@@ -254,6 +265,18 @@ def _unsupported(layer, method, reason, methods=None):
     )
 
 
+class NotAChainError(ValueError):
+    """A model is not a chain of single-input layers (a method that runs its layers by hand needs one)."""
+
+
+def _check_built(model):
+    if not model.built:
+        raise ValueError(
+            f"Model {model.name!r} is not built. Build it first, e.g. start a Sequential "
+            "with keras.Input(shape) or call model.build(input_shape)."
+        )
+
+
 def stack_layers(model):
     """The layers of a Sequential or single-input, single-output chain functional model, in order.
 
@@ -261,13 +284,10 @@ def stack_layers(model):
     own layers, recursively.
 
     Raises:
-        ValueError: ``model`` is not built, or is not such a stack.
+        ValueError: ``model`` is not built.
+        NotAChainError: ``model`` is not such a chain.
     """
-    if not model.built:
-        raise ValueError(
-            f"Model {model.name!r} is not built. Build it first, e.g. start a Sequential "
-            "with keras.Input(shape) or call model.build(input_shape)."
-        )
+    _check_built(model)
     layers = []
     for layer in _chain(model):
         layers += stack_layers(layer) if isinstance(layer, keras.Model) else [layer]
@@ -278,24 +298,29 @@ def _chain(model):
     if isinstance(model, keras.Sequential):
         return list(model.layers)
     if not (hasattr(model, "inputs") and hasattr(model, "outputs") and model.inputs is not None):
-        raise ValueError(
-            f"Model {model.name!r} ({type(model).__name__}) is a subclassed model; guessed gradients "
-            "run Sequential or functional stacks of layers layer by layer."
+        raise NotAChainError(
+            f"Model {model.name!r} ({type(model).__name__}) is a subclassed model, whose layers cannot be "
+            "run one by one"
         )
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ValueError(
-            f"Model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
-            "guessed gradients need a stack with one input and one output."
+        raise NotAChainError(
+            f"Model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} outputs, "
+            "not one of each"
         )
     layers = []
     tensor = model.outputs[0]
     while tensor is not model.inputs[0]:
         layer, node_index = producing_layer(tensor)
+        if not isinstance(layer, keras.layers.Layer):
+            raise NotAChainError(
+                f"Model {model.name!r} applies {layer.name!r} ({type(layer).__name__}), a Keras operation "
+                "that is not a layer"
+            )
         inputs = node_inputs(layer, node_index)
         if len(inputs) != 1:
-            raise ValueError(
-                f"Layer {layer.name!r} of model {model.name!r} takes {len(inputs)} inputs; guessed "
-                "gradients need a stack where every layer takes the previous layer's output."
+            raise NotAChainError(
+                f"Layer {layer.name!r} of model {model.name!r} takes {len(inputs)} inputs, not only the "
+                "previous layer's output"
             )
         layers.append(layer)
         tensor = inputs[0]
@@ -306,7 +331,9 @@ class LayerStack:
     """The layers of a model, checked for a method and runnable layer by layer.
 
     Args:
-        model: a built Sequential or functional stack.
+        model: a built Keras model: any model for a method without
+            per-layer guesses, a chain (see :func:`stack_layers`) for the
+            activation-space methods.
         method: a :class:`~keras_gradops.training.guessed.methods.GuessingMethod`.
         recompute: ``True``, ``False`` or ``"auto"``, whether (or where) the
             forward pass may run twice per step (see
@@ -314,22 +341,39 @@ class LayerStack:
         num_guesses: the guesses averaged per step (one forward pass each).
 
     Attributes:
-        layers: the stack's layers in order.
+        layers: the chain's layers in order, or ``[model]`` when the method
+            needs no per-layer guess (the model's own call runs its graph).
+        is_chain: whether ``layers`` are a chain's layers.
         recompute: ``recompute``, with ``"auto"`` resolved to ``False`` when
             the method keeps no per-layer guesses or a layer cannot run twice
             (it draws random numbers or keeps moving statistics).
-        sites: the :class:`Site` of every trainable Dense/Conv2D layer, in order.
+        sites: the :class:`Site` of every trainable Dense/Conv2D layer of a
+            chain, in order (none for a model run as one layer).
         couples_examples: whether a layer mixes the examples of a batch
             (BatchNormalization), so a per-example directional derivative is
             not one example's.
 
     Raises:
         ValueError: a layer the method does not support, naming the methods
-            that support it.
+            that support it; a model that is not a chain for a method that
+            needs one, naming the methods that train it.
     """
 
     def __init__(self, model, method, recompute=False, num_guesses=1):
-        self.layers = stack_layers(model)
+        _check_built(model)
+        if method.guesses_activations:
+            try:
+                self.layers = stack_layers(model)
+            except NotAChainError as error:
+                whole = [other.name for other in m.ALL_METHODS if not other.guesses_activations]
+                raise NotAChainError(
+                    f"{error}. method={method.name!r} guesses at each Dense/Conv2D layer of a chain (a Sequential "
+                    "or a functional model where every layer takes the previous layer's output); methods that "
+                    f"train any model: {', '.join(whole)}."
+                ) from None
+        else:
+            self.layers = [model]
+        self.is_chain = method.guesses_activations
         if not model.trainable_weights:
             raise ValueError(f"Model {model.name!r} has no trainable weights: there is no gradient to guess.")
         if recompute == "auto" and not (method.guesses_activations and all(
@@ -342,15 +386,17 @@ class LayerStack:
             problem = layer_problem(layer, method, recompute)
             if problem is not None:
                 raise _unsupported(layer, method, problem)
-            if _is_site_layer(layer):
+            if self.is_chain and _is_site_layer(layer):
                 site = Site(layer, len(self.sites))
                 self.sites.append(site)
                 self._site_of[id(layer)] = site
-        self.couples_examples = any(isinstance(layer, keras.layers.BatchNormalization) for layer in self.layers)
-        if self.couples_examples and num_guesses > 1 and not method.exact:
-            layer = next(la for la in self.layers if isinstance(la, keras.layers.BatchNormalization))
+        batch_norm = [sub for layer in self.layers for sub in all_layers(layer, include_self=True)
+                      if isinstance(sub, keras.layers.BatchNormalization)]
+        self.couples_examples = bool(batch_norm)
+        # (spsa's forward passes run in inference mode: they read the moving statistics, never update them.)
+        if batch_norm and num_guesses > 1 and not (method.exact or method.zeroth_order):
             raise ValueError(
-                f"num_guesses={num_guesses} runs one forward pass per guess; layer {layer.name!r} "
+                f"num_guesses={num_guesses} runs one forward pass per guess; layer {batch_norm[0].name!r} "
                 "(BatchNormalization) would update its moving statistics once per guess. Use num_guesses=1."
             )
         if method.uses_next_layer:
