@@ -47,6 +47,7 @@ The other private uses, each a read of state Keras' own subclasses read:
   elsewhere).
 """
 
+import contextlib
 import functools
 import threading
 import weakref
@@ -346,6 +347,47 @@ def all_layers(model, include_self=False):
             f"`{getattr(model, 'name', model)}` ({type(model).__name__}) is a Keras operation, not a layer."
         )
     return list(model._flatten_layers(include_self=include_self, recursive=True))
+
+
+@contextlib.contextmanager
+def calls_replaced(calls):
+    """Runs the block with each layer's ``call`` replaced: ``calls`` maps a layer to ``f(inputs, *args, **kwargs)``.
+
+    Keras runs a layer's computation through ``self.call`` (``Operation.__call__``),
+    so an attribute on the instance takes the class method's place for that
+    layer only, wherever the model calls it (inside subclassed blocks too);
+    the class and every other instance are untouched, and the attribute goes
+    when the block ends. Used while a ``tf.function`` traces a step: the
+    traced program keeps what the replacement computed.
+
+    Raises:
+        KerasHookError: a layer's ``call`` is already replaced, or, at the
+            end of the block, no replacement was reached although the block
+            ran (Keras no longer calls ``self.call``).
+    """
+    reached = []
+
+    def reaching(call):
+        def replaced(*args, **kwargs):
+            reached.append(True)
+            return call(*args, **kwargs)
+        return replaced
+
+    for layer in calls:
+        if "call" in vars(layer):
+            raise KerasHookError(f"Layer {layer.name!r} already has its `call` replaced on the instance.")
+    for layer, call in calls.items():
+        object.__setattr__(layer, "call", reaching(call))
+    try:
+        yield
+    finally:
+        for layer in calls:
+            object.__delattr__(layer, "call")
+    if calls and not reached:
+        raise KerasHookError(
+            f"keras_gradops guesses at a layer by replacing its `call` on the instance, but `Layer.__call__` of "
+            f"Keras {keras.__version__} did not run it: the guess would silently not happen. {_tested_range()}"
+        )
 
 
 @_private("`KerasTensor._keras_history`")

@@ -97,9 +97,9 @@ def _subclassed():
 def _lora():
     """LoRA on a Dense and an EinsumDense layer; ``lora_kernel_b`` made non-zero so every factor has a gradient."""
     tokens = keras.Input((5, 8))
-    dense = keras.layers.Dense(8)
-    einsum = keras.layers.EinsumDense("btd,de->bte", output_shape=(5, 6), bias_axes="e")
-    net = keras.Model(tokens, keras.layers.Dense(3)(keras.layers.Flatten()(einsum(dense(tokens)))))
+    dense = keras.layers.Dense(8, name="dense")
+    einsum = keras.layers.EinsumDense("btd,de->bte", output_shape=(5, 6), bias_axes="e", name="einsum")
+    net = keras.Model(tokens, keras.layers.Dense(3, name="head")(keras.layers.Flatten()(einsum(dense(tokens)))))
     for layer in (dense, einsum):
         layer.enable_lora(2)
         layer.lora_kernel_b.assign(np.random.default_rng(1).normal(size=layer.lora_kernel_b.shape) * 0.3)
@@ -273,16 +273,24 @@ def test_guess_plan_lists_every_trainable_variable_and_its_rule():
         assert all(r.startswith(rule) for r in plan.values())
 
 
-def test_activation_space_methods_refuse_a_graph_and_name_the_methods_that_train_it():
+def test_next_layer_methods_refuse_a_graph_and_name_the_methods_that_train_it():
+    whole = "methods that train this model: directional_descent, activation_perturbation, activation_mixing, spsa, backprop."
     net, _, _ = _graph("transformer_block")
-    with pytest.raises(ValueError, match="takes 2 inputs.*directional_descent, spsa, backprop"):
+    with pytest.raises(ValueError, match="takes 2 inputs.*weight_transpose") as error:
         GuessedGradientModel(net, method="weight_transpose")
-    with pytest.raises(ValueError, match="subclassed model.*directional_descent, spsa, backprop"):
-        GuessedGradientModel(_subclassed(), method="activation_perturbation")
+    assert str(error.value).endswith(whole)
+    with pytest.raises(ValueError, match="subclassed model.*one_layer_downstream") as error:
+        GuessedGradientModel(_subclassed(), method="one_layer_downstream")
+    assert str(error.value).endswith(whole)
     inputs = keras.Input((4, 3))
     sliced = keras.Model(inputs, keras.layers.Dense(2)(inputs[:, 0]))
-    with pytest.raises(ValueError, match="'get_item'.*not a layer"):
-        GuessedGradientModel(sliced, method="activation_mixing")
+    with pytest.raises(ValueError, match="'get_item.*not a layer"):
+        GuessedGradientModel(sliced, method="weight_transpose")
+    net, _, _ = _graph("lora")  # a chain, but LoRA layers are no chain sites
+    with pytest.raises(ValueError, match="Layer 'dense'.*must be Dense, Conv2D or a normalisation layer") as error:
+        GuessedGradientModel(net, method="weight_transpose")
+    assert str(error.value).endswith(
+        "Methods that support it: directional_descent, activation_perturbation, activation_mixing, spsa, backprop.")
 
 
 def test_directional_descent_refuses_a_recurrent_layer_inside_a_graph():
@@ -372,3 +380,111 @@ def test_prompt_tuning_trains_only_the_prompts_and_the_head(method):
     frozen = [v.numpy().copy() for v in net.non_trainable_variables]
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(frozen, net.non_trainable_variables))
+
+
+# -- activation-space guesses on a graph -----------------------------------------------------------
+
+
+def _residual_with_norm():
+    """x -> d1 (gelu) -> LayerNormalization -> d2, added to x -> d3: three linear sites and a normalisation
+    layer, whose scale and offset are guessed by weight perturbation."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(6, name="d2")(keras.layers.LayerNormalization(name="norm")(
+        keras.layers.Dense(8, activation="gelu", name="d1")(inputs)))
+    return keras.Model(inputs, keras.layers.Dense(3, name="d3")(keras.layers.Add()([inputs, h])))
+
+
+def _rebuilt_activation_perturbation(net, x, y, draws):
+    """The guess of ``_residual_with_norm`` rebuilt by hand: ``g_l = dL/ds_l`` from a tape on a hand-written
+    forward pass, the norm's per-example gradient from its Jacobian, ``d_b = sum_l <g_l, y_l>_b + <J_b, V>``,
+    site updates ``x_l^T (d * y_l)`` and ``sum_b d_b y_l``, the norm's ``(sum_b d_b) V``."""
+    w1, b1, gamma, beta, w2, b2, w3, b3 = [v.value for v in net.trainable_variables]
+    norm = net.get_layer("norm")
+    x = tf.constant(x)
+    with tf.GradientTape(persistent=True) as tape:
+        s1 = tf.matmul(x, w1) + b1
+        tape.watch(s1)
+        a1 = tf.nn.gelu(s1, approximate=False)
+        n = norm(a1)
+        s2 = tf.matmul(n, w2) + b2
+        tape.watch(s2)
+        h = x + s2
+        s3 = tf.matmul(h, w3) + b3
+        tape.watch(s3)
+        per_example = tf.reduce_mean(tf.square(s3 - y), axis=1) / len(y)
+        loss = tf.reduce_sum(per_example)
+    g1, g2, g3 = [g.numpy() for g in tape.gradient(loss, [s1, s2, s3])]
+    jacobians = [j.numpy() for j in tape.jacobian(per_example, [gamma, beta])]
+    v_gamma, v_beta = draws[norm.gamma.path], draws[norm.beta.path]
+    y1, y2, y3 = draws["d1"], draws["d2"], draws["d3"]
+    d = (np.sum(g1 * y1, 1) + np.sum(g2 * y2, 1) + np.sum(g3 * y3, 1)
+         + jacobians[0] @ v_gamma + jacobians[1] @ v_beta)
+    inputs = [x.numpy(), n.numpy(), h.numpy()]
+    site = [(inputs[i].T @ (d[:, None] * guess), np.sum(d[:, None] * guess, 0)) for i, guess in enumerate((y1, y2, y3))]
+    return [*site[0], d.sum() * v_gamma, d.sum() * v_beta, *site[1], *site[2]]
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_activation_perturbation_on_a_graph_matches_its_definition(recompute):
+    net = _residual_with_norm()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(4, 6)).astype("float32"), rng.normal(size=(4, 3)).astype("float32")
+    model = _wrapped(net, "activation_perturbation", noise="normal", recompute=recompute)
+    grads, draws = model.guess_gradients(x, y, seed=3, return_draws=True)
+    expected = _rebuilt_activation_perturbation(net, x, y, {k: v.numpy() for k, v in draws[0].items()})
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["activation_perturbation", "activation_mixing"])
+def test_graph_step_under_xla_is_the_eager_guess(method):
+    """One SGD(1) step of ``fit`` under XLA (the second pass rebuilding every guess) moves the weights by the guess
+    ``guess_gradients`` makes eagerly from the same seed (signs: the same draws under XLA)."""
+    net = _residual_with_norm()
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(8, 6)).astype("float32"), rng.normal(size=(8, 3)).astype("float32")
+    expected = _wrapped(net, method, seed=11).guess_gradients(x, y)
+    before = [v.numpy() for v in net.trainable_variables]
+    model = GuessedGradientModel(net, method=method, seed=11)
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=MSE, jit_compile=True)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for old, v, g in zip(before, net.trainable_variables, expected):
+        np.testing.assert_allclose(old - v.numpy(), g.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def _rebuilt_lora_guess(net, x, y, draws):
+    """Activation perturbation on ``_lora()`` rebuilt by hand: ``g_l = dL/ds_l`` from a tape on a hand-written
+    forward pass, ``d_b = sum_l <g_l, y_l>_b``, ``c_l = d * y_l``; a LoRA layer ``s = x (K_0 + A B) + b``
+    (``lora_alpha = rank``) gets ``g(b) = sum c``, ``g(A) = x^T (c B^T)``, ``g(B) = (x A)^T c``."""
+    dense, einsum, head = (layer for layer in net.layers if layer.trainable_weights)
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        s1 = tf.matmul(x, dense.kernel) + dense.bias
+        tape.watch(s1)
+        s2 = tf.einsum("btd,de->bte", s1, einsum.kernel) + einsum.bias
+        tape.watch(s2)
+        flat = tf.reshape(s2, [len(y), -1])
+        s3 = tf.matmul(flat, head.kernel) + head.bias
+        tape.watch(s3)
+        loss = MSE(y, s3)
+    gs = [g.numpy() for g in tape.gradient(loss, [s1, s2, s3])]
+    ys = [draws[layer.name] for layer in (dense, einsum, head)]
+    d = sum(np.sum(g * guess, axis=tuple(range(1, g.ndim))) for g, guess in zip(gs, ys))
+    c1, c2, c3 = [np.reshape(d, (-1,) + (1,) * (guess.ndim - 1)) * guess for guess in ys]
+
+    def lora(layer, inputs, c):
+        a, b = layer.lora_kernel_a.numpy(), layer.lora_kernel_b.numpy()
+        return [c.sum(axis=(0, 1)), np.einsum("btd,btr->dr", inputs, c @ b.T), np.einsum("btr,bto->ro", inputs @ a, c)]
+
+    return [*lora(dense, x.numpy(), c1), *lora(einsum, s1.numpy(), c2), flat.numpy().T @ c3, c3.sum(axis=0)]
+
+
+def test_activation_perturbation_on_lora_layers_guesses_both_factors():
+    net, x, y = _graph("lora")
+    model = _wrapped(net, "activation_perturbation", noise="normal")
+    assert model.guess_plan()["dense/lora_kernel_a"] == "activation_perturbation at the pre-activation of 'dense'"
+    grads, draws = model.guess_gradients(x, y, seed=6, return_draws=True)
+    expected = _rebuilt_lora_guess(net, x, y, {k: v.numpy() for k, v in draws[0].items()})
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-6)

@@ -82,6 +82,18 @@ def bert(keras_hub):
                  "segment_ids": np.zeros((4, 6), "int32"), "padding_mask": mask}
 
 
+def bert_lora(keras_hub):
+    """``bert`` with LoRA (rank 2) on its attention's query and value, the rest frozen."""
+    net, x = bert(keras_hub)
+    backbone = next(layer for layer in net.layers if isinstance(layer, keras_hub.models.BertBackbone))
+    backbone.enable_lora(2)
+    rng = np.random.default_rng(3)
+    for v in backbone.trainable_variables:
+        if "lora_kernel_b" in v.path:
+            v.assign(rng.normal(size=v.shape) * 0.3)
+    return net, x
+
+
 def gpt2(keras_hub):
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(vocabulary_size=30, num_layers=2, num_heads=2, hidden_dim=16,
@@ -133,3 +145,35 @@ def test_spsa_fit_moves_only_the_trainable_weights_by_the_central_difference(ker
     for c, d in zip(change, z):
         np.testing.assert_allclose(c, -projected * d, rtol=2e-2, atol=1e-6)
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(frozen, net.non_trainable_variables))
+
+
+@pytest.mark.parametrize("build", [vit_lora, bert_lora])
+def test_activation_perturbation_step_under_xla_is_the_eager_guess(keras_hub, build):
+    """Guesses at the backbone's own linear layers (LoRA's query and value, reached inside keras_hub's blocks):
+    one SGD(1) step under XLA, with the second pass rebuilding every guess, moves the weights by the guess made
+    eagerly from the same seed, and leaves the frozen weights bit-for-bit unchanged."""
+    net, x = build(keras_hub)
+    y = np.random.default_rng(2).normal(size=(4, 3)).astype("float32")
+    eager = GuessedGradientModel(net, method="activation_perturbation", seed=4)
+    eager.compile(optimizer="sgd", loss=MSE)
+    plan = eager.guess_plan()
+    assert any(rule.startswith("activation_perturbation at the pre-activation of 'query'") for rule in plan.values())
+    expected = eager.guess_gradients(x, y)
+    before = [v.numpy() for v in net.trainable_variables]
+    frozen = [v.numpy().copy() for v in net.non_trainable_variables]
+    model = GuessedGradientModel(net, method="activation_perturbation", seed=4)
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=MSE, jit_compile=True)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    for old, v, g in zip(before, net.trainable_variables, expected):
+        np.testing.assert_allclose(old - v.numpy(), g.numpy(), rtol=1e-3, atol=1e-6)
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(frozen, net.non_trainable_variables))
+
+
+def test_forward_mode_through_an_op_xla_cannot_differentiate_says_what_to_do(keras_hub):
+    """Full fine-tuning of BERT under XLA: Keras' ops.slice in keras_hub's PositionEmbedding compiles to an XLA op
+    without a derivative rule, so no forward-mode tangent crosses it; the error says so and what to do."""
+    net, x = bert(keras_hub)
+    model = GuessedGradientModel(net, method="directional_descent", seed=0)
+    model.compile(optimizer="sgd", loss=MSE, jit_compile=True)
+    with pytest.raises(ValueError, match="cannot carry a forward-mode tangent.*XlaDynamicUpdateSlice.*spsa"):
+        model.fit(x, np.zeros((4, 3), "float32"), batch_size=4, verbose=0)

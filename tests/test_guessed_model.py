@@ -91,7 +91,7 @@ def test_models_that_cannot_be_guessed_raise():
         GuessedGradientModel(frozen, method="activation_perturbation")
     a, b = keras.Input((4,)), keras.Input((4,))
     two_inputs = keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
-    whole = "methods that train any model: directional_descent, spsa, backprop."
+    whole = "methods that train this model: directional_descent, activation_perturbation, activation_mixing, spsa, backprop."
     with pytest.raises(ValueError, match="2 inputs") as error:
         GuessedGradientModel(two_inputs, method="weight_transpose")
     assert str(error.value).endswith(whole)
@@ -99,7 +99,7 @@ def test_models_that_cannot_be_guessed_raise():
     hidden = keras.layers.Dense(4)(inputs)
     branched = keras.Model(inputs, keras.layers.Add()([hidden, inputs]))
     with pytest.raises(ValueError, match="takes 2 inputs") as error:
-        GuessedGradientModel(branched, method="activation_perturbation")
+        GuessedGradientModel(branched, method="one_layer_downstream")
     assert str(error.value).endswith(whole)
 
 
@@ -108,7 +108,7 @@ def test_models_that_cannot_be_guessed_raise():
      "activation_perturbation", "lstm", "spsa, backprop."),
     (lambda: keras.Sequential([keras.Input((5,)), keras.layers.Embedding(10, 4, name="embed"),
                                keras.layers.Flatten(), keras.layers.Dense(2)]),
-     "weight_transpose", "embed", "directional_descent, spsa, backprop."),
+     "weight_transpose", "embed", "directional_descent, activation_perturbation, activation_mixing, spsa, backprop."),
     (lambda: keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3, name="conv"),
                                keras.layers.MaxPooling2D(name="pool"), keras.layers.Conv2D(2, 1),
                                keras.layers.Flatten(), keras.layers.Dense(2)]),

@@ -151,3 +151,26 @@ def test_an_operation_is_not_taken_for_a_layer():
     assert type(getitem).__name__ == "GetItem" and not isinstance(getitem, keras.layers.Layer)
     with pytest.raises(TypeError, match="is a Keras operation, not a layer"):
         keras_internals.all_layers(getitem)
+
+
+def test_a_replaced_call_runs_for_that_layer_only_and_goes_after_the_block():
+    dense, other = keras.layers.Dense(2), keras.layers.Dense(2)
+    x = np.ones((1, 3), "float32")
+    dense(x), other(x)
+    with keras_internals.calls_replaced({dense: lambda inputs, *args, **kwargs: inputs * 0 + 7}):
+        np.testing.assert_array_equal(dense(x).numpy(), np.full((1, 3), 7.0))
+        assert not np.allclose(other(x).numpy(), 7.0)
+        with pytest.raises(keras_internals.KerasHookError, match="already has its `call` replaced"):
+            with keras_internals.calls_replaced({dense: lambda inputs: inputs}):
+                pass
+    assert "call" not in vars(dense)
+    np.testing.assert_allclose(dense(x).numpy(), x @ dense.kernel.numpy() + dense.bias.numpy(), rtol=1e-6)
+
+
+def test_a_replaced_call_that_keras_never_runs_is_a_keras_hook_error():
+    """What a Keras that stopped calling ``self.call`` would look like: the block runs, no replacement is reached."""
+    dense = keras.layers.Dense(2)
+    with pytest.raises(keras_internals.KerasHookError, match="did not run it"):
+        with keras_internals.calls_replaced({dense: lambda inputs: inputs}):
+            pass
+    assert "call" not in vars(dense)

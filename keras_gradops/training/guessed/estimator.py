@@ -43,12 +43,14 @@ batch's size) and one or two layers' values, tangents and guesses, whatever
 the depth.
 """
 
+import collections
 import contextlib
 import dataclasses
 
 import tensorflow as tf
 
-from keras_gradops.training.guessed.noise import DEFAULT, draw, seed_table
+from keras_gradops.keras_internals import calls_replaced
+from keras_gradops.training.guessed.noise import DEFAULT, draw, seed_table, sequence_seed
 from keras_gradops.training.guessed.ordering import after, executor_after
 
 
@@ -114,6 +116,23 @@ def _add(total, value):
     return total + tf.cast(value, total.dtype)
 
 
+@contextlib.contextmanager
+def _forward_mode_through(layer):
+    """Turns TensorFlow's missing forward-mode rule for an op (no gradient to differentiate twice) into a clear error."""
+    try:
+        yield
+    except LookupError as error:
+        if "gradient registry has no entry" not in str(error):
+            raise
+        cause = next((line.strip() for line in str(error).splitlines() if "gradient registry" in line), str(error))
+        raise ValueError(
+            f"TensorFlow cannot carry a forward-mode tangent through {layer.name!r} ({cause}). Under XLA "
+            "(jit_compile=True) some Keras ops compile to XLA ops without a derivative rule (ops.slice, as in "
+            "keras_hub's PositionEmbedding). Freeze the weights before that op (LoRA, prompt tuning), compile "
+            "with jit_compile=False, or use method='spsa' or 'backprop', which need no forward-mode derivative."
+        ) from None
+
+
 class GradientGuesser:
     """Guesses the gradient of a loss for the weights of a :class:`LayerStack`.
 
@@ -146,11 +165,13 @@ class GradientGuesser:
         self.recompute = recompute
         self.variables = list(variables)
         self._position = {id(v): i for i, v in enumerate(self.variables)}
-        self.guessed_sites = stack.sites if method.guesses_activations else []
+        sites = stack.sites or stack.graph_sites
+        self.guessed_sites = sites if method.guesses_activations else []
         site_variables = {id(v) for site in self.guessed_sites for v in site.variables}
         self.perturbed = [v for v in self.variables if id(v) not in site_variables]
         # Seed streams: one per site (its guess), then one per perturbed variable (its tangent).
-        self._stream = {id(v): len(stack.sites) + j for j, v in enumerate(self.perturbed)}
+        self._stream = {id(v): len(sites) + j for j, v in enumerate(self.perturbed)}
+        self._streams = len(sites) + len(self.perturbed)
 
     def __call__(self, x, loss_fn, seed, training=True, true_gradient=False, record_draws=False):
         """Guesses the gradient of ``loss_fn`` for one batch.
@@ -176,7 +197,7 @@ class GradientGuesser:
         if true_gradient and self.method.zeroth_order:  # at the weights, before they move; in spsa's mode
             true_gradients = self._backprop(x, loss_fn, training=False).gradients
         passes = []
-        streams = len(self.stack.sites) + len(self.perturbed)
+        streams = self._streams
         seeds = tf.reshape(seed_table(seed, self.num_guesses * streams), [self.num_guesses, streams, 2])
         kept = None  # how many sites keep their records: decided by the first pass, followed by the others
         for k in range(self.num_guesses):
@@ -198,6 +219,8 @@ class GradientGuesser:
             for site, x_in, y in p["records"]:
                 for v, grad in zip(site.variables, site.weight_update(x_in, _times_per_example(p["d"], y))):
                     self._accumulate(gradients, v, grad)
+        if self.stack.graph_sites and self.recompute:
+            self._recomputed_graph_updates(x, [p["d"] for p in passes], seeds, training, gradients)
         if passes[0]["resume"] is not None:
             self._recomputed_site_updates(passes[0]["resume"], [p["d"] for p in passes], seeds, training, gradients)
         if self.num_guesses > 1:
@@ -251,8 +274,8 @@ class GradientGuesser:
         return tangents
 
     def _budget(self, x):
-        """Bytes per example the first pass may keep for the updates (see ``recompute``)."""
-        if self.recompute is False:
+        """Bytes per example the first pass may keep for a chain's updates (see ``recompute``)."""
+        if self.recompute is False or not self.stack.is_chain:
             return float("inf")
         batch = _example_bytes(x)
         return 0 if self.recompute is True or batch == float("inf") else batch
@@ -277,7 +300,10 @@ class GradientGuesser:
             variables = [v for v in layer.trainable_variables if id(v) in self._stream]
             weight_tangents = self._weight_tangents(variables, seeds, x, draws)
             perturbed += zip(variables, weight_tangents)
-            if site is None:
+            if site is None and self.stack.graph_sites:
+                x, tangent = self._graph_forward(layer, x, variables, weight_tangents, seeds, training, draws,
+                                                 records if not self.recompute else None)
+            elif site is None:
                 x, tangent = self._layer_forward(layer, x, tangent, variables, weight_tangents, training)
             else:
                 x_in = x
@@ -407,9 +433,76 @@ class GradientGuesser:
         if not primals:
             return layer(x, training=training), None
         tangents = ([tangent] if tangent is not None else []) + weight_tangents
-        with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
+        with _forward_mode_through(layer), tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
             output = layer(x, training=training)
         return output, accumulator.jvp(output)
+
+    def _graph_calls(self, site_call):
+        """``{layer: call}`` replacing each graph site's call by ``site_call(site, x, number)`` (number: which
+        call of the layer this is in the pass, for a layer the model calls more than once)."""
+        numbers = collections.Counter()
+
+        def replacement(site):
+            def call(inputs, *args, **kwargs):
+                number = numbers[site.index]
+                numbers[site.index] += 1
+                return site_call(site, inputs, number)
+            return call
+
+        return calls_replaced({site.layer: replacement(site) for site in self.stack.graph_sites})
+
+    def _graph_guess(self, site, s, seed, number):
+        """This method's guess at a graph site's call ``number``, from the site's seed."""
+        return self.method.guess(site, s, None, sequence_seed(seed, number), self.noise)
+
+    def _graph_forward(self, model, x, variables, weight_tangents, seeds, training, draws, records):
+        """The model's own call with tangents: ``V`` on the perturbed ``variables``, a guess at each linear site.
+
+        A site's output is ``act(s + c y)`` with ``c`` a zero watched by the
+        accumulator with tangent 1: its value is the layer's own, and its
+        tangent gains ``y`` (every site's through the one ``c``), so the
+        output's tangent gives ``d_b = sum_l <dL/ds_l, y_l>_b + <grad, V>_b``
+        in one pass. ``records`` (``None``: rebuilt by a second pass) gets
+        each call's ``(site, x_l, y_l)``.
+        """
+        injection = tf.zeros([], tf.float32)
+
+        def guessing_call(site, inputs, number):
+            s = site.pre_activation(inputs)
+            y, draws[site.layer.name + (f"/{number}" if number else "")] = self._graph_guess(
+                site, s, seeds[site.index], number)
+            if records is not None:
+                records.append((site, inputs, y))
+            return site.activate(s + tf.cast(injection, s.dtype) * y)
+
+        primals = [v.value for v in variables] + [injection]
+        tangents = list(weight_tangents) + [tf.ones([])]
+        with _forward_mode_through(model), tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
+            with self._graph_calls(guessing_call):
+                output = model(x, training=training)
+        return output, accumulator.jvp(output)
+
+    def _recomputed_graph_updates(self, x, ds, seeds, training, gradients):
+        """Second run of the model's own call, once every ``d`` is known: each site rebuilds its guesses from
+        the seeds, adds ``x_l^T (d * y_l)`` and lets the model go on only then (one site's values at a time)."""
+        flat = tf.nest.flatten(x)
+        *flat, seeds = after(ds, [*flat, seeds])
+        x = tf.nest.pack_sequence_as(x, flat)
+
+        def updating_call(site, inputs, number):
+            s = site.pre_activation(inputs)
+            cotangent = None
+            for k, d in enumerate(ds):
+                y, _ = self._graph_guess(site, s, seeds[k, site.index], number)
+                cotangent = _add(cotangent, _times_per_example(d, y))
+            updates = site.weight_update(inputs, cotangent)
+            for v, grad in zip(site.variables, updates):
+                self._accumulate(gradients, v, grad)
+            (s,) = after(updates, [s])
+            return site.activate(s)
+
+        with self._graph_calls(updating_call):
+            self.stack.layers[0](x, training=training)
 
     def _loss_head(self, loss_fn, y_pred):
         """``dL/dy_pred`` from the loss alone, and the exact gradient of weight regularizers."""

@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from keras_gradops.keras_internals import all_layers, node_inputs, producing_layer
 from keras_gradops.training.guessed import methods as m
+from keras_gradops.training.guessed.graph import activation_pull_back, linear_sites
 from keras_gradops.training.guessed.kernel_gradient import kernel_gradient
 
 # The normalisation layers the installed Keras has (an older Keras lacks the newer ones, RMSNormalization).
@@ -122,16 +123,7 @@ class Site:
 
     def pull_back(self, s, cotangent):
         """``J_act(s)^T cotangent``: for ReLU ``cotangent * 1[s > 0]``."""
-        activation = self.layer.activation
-        if activation is keras.activations.linear:
-            return cotangent
-        if activation is keras.activations.relu:
-            # One kernel, in place in ``cotangent``'s buffer: no mask tensor.
-            return tf.raw_ops.ReluGrad(gradients=cotangent, features=tf.cast(s, cotangent.dtype))
-        with tf.GradientTape() as tape:
-            tape.watch(s)
-            a = activation(s)
-        return tape.gradient(a, s, output_gradients=cotangent)
+        return activation_pull_back(self.layer.activation, s, cotangent)
 
     def push_forward(self, s, tangent):
         """``J_act(s) tangent``, the forward derivative of the activation: for ReLU ``tangent * 1[s > 0]``."""
@@ -211,8 +203,10 @@ def _is_site_layer(layer):
 
 
 def _draws_random_numbers(layer):
+    """Whether ``layer`` or a layer inside it draws random numbers when training (a Dropout of rate 0 does not)."""
     return any(
         isinstance(value, keras.random.SeedGenerator)
+        and not (isinstance(sub, keras.layers.Dropout) and sub.rate == 0)
         for sub in all_layers(layer, include_self=True)
         for value in vars(sub).values()
     )
@@ -225,40 +219,55 @@ def _recurrent_layer(layer):
 
 
 def recompute_problem(layer):
-    """Why a second forward pass through ``layer`` would not repeat the first, or ``None``."""
-    if isinstance(layer, keras.layers.BatchNormalization):
-        return "recompute=True runs the forward pass twice and would update its moving statistics twice"
+    """Why a second forward pass through ``layer`` (and the layers inside it) would not repeat the first, or ``None``."""
+    batch_norm = [sub for sub in all_layers(layer, include_self=True)
+                  if isinstance(sub, keras.layers.BatchNormalization)]
+    if batch_norm:
+        where = "" if batch_norm[0] is layer else f" ({batch_norm[0].name!r} inside it)"
+        return f"recompute=True runs the forward pass twice and would update moving statistics{where} twice"
     if _draws_random_numbers(layer):
         return "recompute=True runs the forward pass twice and it draws new random numbers each time"
     return None
 
 
-def layer_problem(layer, method, recompute=False):
-    """Why ``method`` cannot train ``layer`` (run twice if ``recompute``), or ``None`` if it can."""
+def layer_problem(layer, method, recompute=False, whole_model=False):
+    """Why ``method`` cannot train ``layer`` (run twice if ``recompute``), or ``None`` if it can.
+
+    ``whole_model``: ``layer`` is a model run by its own call, its linear
+    layers guessed where they are (:mod:`~keras_gradops.training.guessed.graph`)
+    and every other trainable weight by weight perturbation.
+    """
     if method.exact or method.zeroth_order:
         return None
+    if whole_model and method.uses_next_layer:
+        return f"{method} pulls each guess back through the next Dense/Conv2D kernel, which needs a chain"
     if any(getattr(sub, "activity_regularizer", None) is not None for sub in all_layers(layer, include_self=True)):
         return "an activity_regularizer adds a loss inside a layer call, which a forward-mode guess cannot see"
-    if method.perturbs_weights:
+    if method.perturbs_weights or whole_model:
         recurrent = _recurrent_layer(layer)
         if recurrent is not None:
             where = "" if recurrent is layer else f" ({recurrent.name!r} inside it)"
             return f"forward-mode differentiation of a recurrent layer's loop{where} fails inside tf.function"
-        return None
+        if method.perturbs_weights:
+            return None
     problem = recompute_problem(layer) if recompute else None
-    if problem is not None:
+    if problem is not None or whole_model:
         return problem
     if _is_site_layer(layer) or not layer.trainable_weights or isinstance(layer, NORMALIZATION_LAYERS):
         return None
     return "a layer with trainable weights must be Dense, Conv2D or a normalisation layer"
 
 
-def _supporting_methods(layer):
-    return [method for method in m.ALL_METHODS if layer_problem(layer, method) is None]
+def _supporting_methods(layer, whole_model=False):
+    """The methods that train ``layer``: by a chain's rules (unless ``whole_model``) or, for the methods that
+    need no chain, by its model's own call (see ``LayerStack._runs_as_chain``)."""
+    return [method for method in m.ALL_METHODS
+            if (not whole_model and layer_problem(layer, method) is None)
+            or (not method.uses_next_layer and layer_problem(layer, method, whole_model=True) is None)]
 
 
-def _unsupported(layer, method, reason, methods=None):
-    methods = [method.name for method in (_supporting_methods(layer) if methods is None else methods)]
+def _unsupported(layer, method, reason, methods=None, whole_model=False):
+    methods = [method.name for method in (_supporting_methods(layer, whole_model) if methods is None else methods)]
     return ValueError(
         f"Layer {layer.name!r} ({type(layer).__name__}) is not supported by method={method.name!r}: {reason}. "
         f"Methods that support it: {', '.join(methods) if methods else 'none'}."
@@ -346,9 +355,13 @@ class LayerStack:
         is_chain: whether ``layers`` are a chain's layers.
         recompute: ``recompute``, with ``"auto"`` resolved to ``False`` when
             the method keeps no per-layer guesses or a layer cannot run twice
-            (it draws random numbers or keeps moving statistics).
+            (it draws random numbers or keeps moving statistics), and, for a
+            model run as one layer, to ``True`` otherwise.
         sites: the :class:`Site` of every trainable Dense/Conv2D layer of a
             chain, in order (none for a model run as one layer).
+        graph_sites: for an activation-space method on a model run as one
+            layer, the :class:`~keras_gradops.training.guessed.graph.LinearSite`
+            of every linear layer with trainable weights (none otherwise).
         couples_examples: whether a layer mixes the examples of a batch
             (BatchNormalization), so a per-example directional derivative is
             not one example's.
@@ -361,35 +374,27 @@ class LayerStack:
 
     def __init__(self, model, method, recompute=False, num_guesses=1):
         _check_built(model)
-        if method.guesses_activations:
-            try:
-                self.layers = stack_layers(model)
-            except NotAChainError as error:
-                whole = [other.name for other in m.ALL_METHODS if not other.guesses_activations]
-                raise NotAChainError(
-                    f"{error}. method={method.name!r} guesses at each Dense/Conv2D layer of a chain (a Sequential "
-                    "or a functional model where every layer takes the previous layer's output); methods that "
-                    f"train any model: {', '.join(whole)}."
-                ) from None
-        else:
-            self.layers = [model]
-        self.is_chain = method.guesses_activations
+        self.is_chain = method.guesses_activations and self._runs_as_chain(model, method)
+        self.layers = stack_layers(model) if self.is_chain else [model]
         if not model.trainable_weights:
             raise ValueError(f"Model {model.name!r} has no trainable weights: there is no gradient to guess.")
-        if recompute == "auto" and not (method.guesses_activations and all(
-                recompute_problem(layer) is None for layer in self.layers)):
-            recompute = False
+        repeatable = all(recompute_problem(layer) is None for layer in self.layers)
+        if recompute == "auto":
+            # A chain decides per layer as it runs (GradientGuesser); a whole model rebuilds all or keeps all.
+            recompute = repeatable and ("auto" if self.is_chain else True) if method.guesses_activations else False
         self.recompute = recompute
         self.sites = []
         self._site_of = {}
+        whole_model = not self.is_chain and method.guesses_activations
         for layer in self.layers:
-            problem = layer_problem(layer, method, recompute)
+            problem = layer_problem(layer, method, recompute, whole_model)
             if problem is not None:
-                raise _unsupported(layer, method, problem)
+                raise _unsupported(layer, method, problem, whole_model=whole_model)
             if self.is_chain and _is_site_layer(layer):
                 site = Site(layer, len(self.sites))
                 self.sites.append(site)
                 self._site_of[id(layer)] = site
+        self.graph_sites = linear_sites(model) if whole_model else []
         batch_norm = [sub for layer in self.layers for sub in all_layers(layer, include_self=True)
                       if isinstance(sub, keras.layers.BatchNormalization)]
         self.couples_examples = bool(batch_norm)
@@ -401,6 +406,32 @@ class LayerStack:
             )
         if method.uses_next_layer:
             self._link_sites(method)
+
+    @staticmethod
+    def _runs_as_chain(model, method):
+        """Whether an activation-space method runs ``model`` layer by layer (else by its own call, see ``graph``).
+
+        A chain whose layers the chain's rules all accept runs as a chain. A
+        method that pulls guesses back through the next layer needs one;
+        the others run any other model whose layers they support by its own
+        call (a chain too, with layers a chain's rules refuse, such as LoRA).
+
+        Raises:
+            NotAChainError: a method that needs a chain, on a model that is not one.
+        """
+        try:
+            layers = stack_layers(model)
+        except NotAChainError as error:
+            if not method.uses_next_layer:
+                return False
+            whole = [other.name for other in m.ALL_METHODS if layer_problem(model, other, whole_model=True) is None]
+            raise NotAChainError(
+                f"{error}. method={method.name!r} pulls each guess back through the next Dense/Conv2D kernel, "
+                "which needs a chain (a Sequential or a functional model where every layer takes the previous "
+                f"layer's output); methods that train this model: {', '.join(whole)}."
+            ) from None
+        refused = any(layer_problem(layer, method) is not None for layer in layers)
+        return method.uses_next_layer or not refused or layer_problem(model, method, whole_model=True) is not None
 
     def _link_sites(self, method):
         """Checks the layers between consecutive sites and gives each site the reshapes after it."""
