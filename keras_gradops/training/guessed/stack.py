@@ -1,34 +1,39 @@
-"""A model's layers, run layer by layer where a method needs their insides.
+"""A model's layers: run layer by layer (a chain) or by the model's own call.
 
-A method whose guesses live at the layers (the activation-space methods)
-needs each Dense/Conv2D layer's input ``x_l`` and pre-activation
-``s_l = x_l W_l + b_l``, which ``model(x)`` hides, so it runs a chain (a
-Sequential or single-input, single-output chain functional model) itself:
-Dense and Conv2D layers ("sites") with the same Keras ops as their own
-``call``, every other layer through its ``__call__``. A nested Sequential or
-chain functional model (a block) is run as its own layers.
+Two ways to run a model for a guessed step:
 
-A method whose guess lives on the weights or needs no guess
-(``directional_descent``, ``spsa``, ``backprop``) runs any built Keras model,
-functional, Sequential or subclassed (residual graphs, transformers, keras_hub
-backbones under a head), as one layer: the model's own call walks its graph.
+- A chain (a Sequential or single-input, single-output chain functional
+  model; a nested chain runs as its own layers) is run layer by layer: Dense
+  and Conv2D layers ("sites") with the same Keras ops as their own ``call``,
+  every other layer through its ``__call__``. ``weight_transpose`` and
+  ``one_layer_downstream``, which pull a guess back through the next site's
+  kernel, need this; ``activation_perturbation`` and ``activation_mixing``
+  use it for chains whose layers its rules accept.
+- Any other built model (functional graphs with residuals, attention,
+  embeddings; nested, multi-input and subclassed models; keras_hub backbones
+  under a head) runs as one layer: its own call walks its graph. The
+  activation-space methods reach its linear layers there
+  (:mod:`~keras_gradops.training.guessed.graph`); ``directional_descent``,
+  ``spsa`` and ``backprop`` always run this way.
 
-Which layers each method supports (anything else raises at construction):
+Which layers each method supports (anything else raises at construction,
+naming the layer and the methods that support it):
 
-- ``backprop``: every layer.
-- ``spsa``: every layer (two forward passes, no derivative).
-- ``directional_descent``: every layer but recurrent ones (forward-mode
-  differentiation of their loop fails inside ``tf.function``).
-- ``activation_perturbation``, ``activation_mixing``: Dense and Conv2D sites,
-  normalisation layers, layers without trainable weights.
-- ``weight_transpose``, ``one_layer_downstream``: as above; between two
-  sites (Dense or Conv2D) only Flatten and Reshape layers, which their guesses
-  transpose exactly, and Dropout and normalisation layers, which their guesses
-  treat as the identity. A Conv2D site's transposed kernel ``K^T`` is the
-  transposed convolution (the convolution's gradient in its input).
+- ``backprop``, ``spsa`` (two forward passes, no derivative): every layer.
+- ``directional_descent``, and ``activation_perturbation`` and
+  ``activation_mixing`` by the model's own call: every layer but recurrent
+  ones (forward-mode differentiation of their loop fails inside
+  ``tf.function``) and activity regularizers (a loss inside a layer call).
+- ``weight_transpose``, ``one_layer_downstream`` (a chain): Dense and Conv2D
+  sites, normalisation layers, layers without trainable weights; between two
+  sites only Flatten and Reshape layers, which their guesses transpose
+  exactly, and Dropout and normalisation layers, which their guesses treat as
+  the identity. A Conv2D site's transposed kernel ``K^T`` is the transposed
+  convolution (the convolution's gradient in its input).
 
-Normalisation layers' scales and offsets are guessed by weight perturbation
-(a random tangent on the weights, as ``directional_descent``) in every method.
+Trainable weights outside sites (normalisation scales and offsets,
+embeddings, prompt tokens) are guessed by weight perturbation (a random
+tangent on the weights, as ``directional_descent``) in every method.
 """
 
 import keras
@@ -340,9 +345,9 @@ class LayerStack:
     """The layers of a model, checked for a method and runnable layer by layer.
 
     Args:
-        model: a built Keras model: any model for a method without
-            per-layer guesses, a chain (see :func:`stack_layers`) for the
-            activation-space methods.
+        model: a built Keras model: a chain (see :func:`stack_layers`) for
+            ``weight_transpose`` and ``one_layer_downstream``, any model for
+            the others.
         method: a :class:`~keras_gradops.training.guessed.methods.GuessingMethod`.
         recompute: ``True``, ``False`` or ``"auto"``, whether (or where) the
             forward pass may run twice per step (see
