@@ -488,3 +488,25 @@ def test_activation_perturbation_on_lora_layers_guesses_both_factors():
     expected = _rebuilt_lora_guess(net, x, y, {k: v.numpy() for k, v in draws[0].items()})
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=1e-6)
+
+
+def test_cosine_diagnostics_of_prompt_tuning_under_xla_are_the_eager_guess_against_the_tape():
+    """Under XLA a tape around the tangent pass would differentiate the forward accumulators' own gradient ops
+    (a slice's XlaDynamicUpdateSlice has none): the true gradient comes from a backward pass of its own."""
+    keras.utils.set_random_seed(5)
+    tokens = keras.Input((5, 8))
+    body = _transformer_block(length=None)
+    body.trainable = False
+    net = keras.Model(tokens, body(kgo.layers.PromptTokens(3, index=1)(tokens)))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(4, 5, 8)).astype("float32"), rng.normal(size=(4, 3)).astype("float32")
+    guess = np.concatenate([g.numpy().ravel() for g in
+                            _wrapped(net, "activation_perturbation", seed=9).guess_gradients(x, y)])
+    with tf.GradientTape() as tape:
+        loss = MSE(y, net(x))
+    true = np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, net.trainable_variables)])
+    model = GuessedGradientModel(net, method="activation_perturbation", seed=9, cosine_diagnostics=True)
+    model.compile(optimizer="sgd", loss=MSE, jit_compile=True)
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    expected = guess @ true / np.linalg.norm(guess) / np.linalg.norm(true)
+    assert history.history["cosine_similarity"][0] == pytest.approx(expected, rel=1e-4)

@@ -63,8 +63,10 @@ class GuessResult:
         y_pred: the predictions of the first guess's forward pass.
         gradients: list aligned with the variables: the gradient of the
             objective, averaged over the guesses.
-        true_gradients: the exact gradient of the first pass's objective (same
-            forward pass, same dropout masks), or ``None`` if not asked for.
+        true_gradients: the exact gradient, or ``None`` if not asked for: for
+            a chain, of the first pass's objective (same forward pass, same
+            dropout masks); for a model run by its own call, of a backward
+            pass of its own (``spsa``'s in inference mode).
         draws: one dict per guess, ``{layer name or variable path: draw}``, or
             ``None`` if not asked for.
     """
@@ -122,9 +124,10 @@ def _forward_mode_through(layer):
     try:
         yield
     except LookupError as error:
-        if "gradient registry has no entry" not in str(error):
+        markers = ("gradient registry has no entry", "No gradient defined for operation")
+        if not any(marker in str(error) for marker in markers):
             raise
-        cause = next((line.strip() for line in str(error).splitlines() if "gradient registry" in line), str(error))
+        cause = next((line.strip() for line in str(error).splitlines() if any(m in line for m in markers)), str(error))
         raise ValueError(
             f"TensorFlow cannot carry a forward-mode tangent through {layer.name!r} ({cause}). Under XLA "
             "(jit_compile=True) some Keras ops compile to XLA ops without a derivative rule (ops.slice, as in "
@@ -196,6 +199,10 @@ class GradientGuesser:
         true_gradients = None
         if true_gradient and self.method.zeroth_order:  # at the weights, before they move; in spsa's mode
             true_gradients = self._backprop(x, loss_fn, training=False).gradients
+        elif true_gradient and not self.stack.is_chain:
+            # A tape around a pass with forward accumulators would differentiate their JVPs' own gradient ops,
+            # some of which have no gradient under XLA (a slice's XlaDynamicUpdateSlice): a backward pass of its own.
+            true_gradients = self._backprop(x, loss_fn, training).gradients
         passes = []
         streams = self._streams
         seeds = tf.reshape(seed_table(seed, self.num_guesses * streams), [self.num_guesses, streams, 2])
@@ -204,10 +211,10 @@ class GradientGuesser:
             if self.method.zeroth_order:
                 result = self._zeroth_order_pass(x, loss_fn, seeds[k], waits=[p["objective"] for p in passes[-1:]])
             else:
-                tape = tf.GradientTape() if true_gradient and k == 0 else contextlib.nullcontext()
-                with tape:
+                taped = true_gradient and k == 0 and self.stack.is_chain
+                with tf.GradientTape() if taped else contextlib.nullcontext() as tape:
                     result = self._tangent_pass(x, loss_fn, seeds[k], training, kept)
-                if true_gradient and k == 0:
+                if taped:
                     true_gradients = tape.gradient(result["objective"], self.variables)
             kept = result["kept"]
             passes.append(result)
@@ -300,8 +307,8 @@ class GradientGuesser:
             variables = [v for v in layer.trainable_variables if id(v) in self._stream]
             weight_tangents = self._weight_tangents(variables, seeds, x, draws)
             perturbed += zip(variables, weight_tangents)
-            if site is None and self.stack.graph_sites:
-                x, tangent = self._graph_forward(layer, x, variables, weight_tangents, seeds, training, draws,
+            if site is None and not self.stack.is_chain:
+                x, tangent = self._model_forward(layer, x, variables, weight_tangents, seeds, training, draws,
                                                  records if not self.recompute else None)
             elif site is None:
                 x, tangent = self._layer_forward(layer, x, tangent, variables, weight_tangents, training)
@@ -437,48 +444,68 @@ class GradientGuesser:
             output = layer(x, training=training)
         return output, accumulator.jvp(output)
 
-    def _graph_calls(self, site_call):
-        """``{layer: call}`` replacing each graph site's call by ``site_call(site, x, number)`` (number: which
-        call of the layer this is in the pass, for a layer the model calls more than once)."""
+    def _model_calls(self, sites, site_call):
+        """Replaces the call of each site in ``sites`` by ``site_call(site, x, number)`` (``number``: which call
+        of the layer this is in the pass, for a layer the model calls more than once)."""
         numbers = collections.Counter()
 
         def replacement(site):
             def call(inputs, *args, **kwargs):
-                number = numbers[site.index]
-                numbers[site.index] += 1
+                number = numbers[id(site)]
+                numbers[id(site)] += 1
                 return site_call(site, inputs, number)
             return call
 
-        return calls_replaced({site.layer: replacement(site) for site in self.stack.graph_sites})
+        return calls_replaced({site.layer: replacement(site) for site in sites})
 
     def _graph_guess(self, site, s, seed, number):
         """This method's guess at a graph site's call ``number``, from the site's seed."""
         return self.method.guess(site, s, None, sequence_seed(seed, number), self.noise)
 
-    def _graph_forward(self, model, x, variables, weight_tangents, seeds, training, draws, records):
-        """The model's own call with tangents: ``V`` on the perturbed ``variables``, a guess at each linear site.
+    def _model_forward(self, model, x, variables, weight_tangents, seeds, training, draws, records):
+        """The model's own call with tangents: ``V`` on the perturbed ``variables``, a guess at each graph site.
 
-        A site's output is ``act(s + c y)`` with ``c`` a zero watched by the
-        accumulator with tangent 1: its value is the layer's own, and its
-        tangent gains ``y`` (every site's through the one ``c``), so the
-        output's tangent gives ``d_b = sum_l <dL/ds_l, y_l>_b + <grad, V>_b``
-        in one pass. ``records`` (``None``: rebuilt by a second pass) gets
-        each call's ``(site, x_l, y_l)``.
+        Each linear layer's tangent is computed by hand, as it is linear in
+        its input and weights: ``t_s = t_x K + x t_K + t_b`` (plus the guess
+        ``y`` at a graph site), and handed to the accumulator as
+        ``act(s + c t_s)`` with ``s`` computed without tangents and ``c`` a
+        zero watched with tangent 1: the value is the layer's own, the
+        tangent ``t_s``. The accumulator differentiates everything else
+        (activations, normalisation, attention's softmax) itself; through a
+        matmul or einsum its rule (the gradient's gradient) materialised
+        kernel-sized tensors per example. The output's tangent gives
+        ``d_b = sum_l <dL/ds_l, y_l>_b + <grad, V>_b``; ``records`` (``None``:
+        rebuilt by a second pass) gets each guessed call's ``(site, x_l, y_l)``.
         """
         injection = tf.zeros([], tf.float32)
+        guessed = {id(site) for site in self.stack.graph_sites}
 
-        def guessing_call(site, inputs, number):
-            s = site.pre_activation(inputs)
-            y, draws[site.layer.name + (f"/{number}" if number else "")] = self._graph_guess(
-                site, s, seeds[site.index], number)
-            if records is not None:
-                records.append((site, inputs, y))
-            return site.activate(s + tf.cast(injection, s.dtype) * y)
+        def linear_call(site, inputs, number):
+            layer = site.layer
+            kernel = tf.convert_to_tensor(layer.kernel)
+            bias = None if layer.bias is None else tf.convert_to_tensor(layer.bias)
+            t_x, t_kernel, t_bias = (None if value is None else accumulator.jvp(value)
+                                     for value in (inputs, kernel, bias))
+            x_, kernel, bias = (None if value is None else tf.stop_gradient(value) for value in (inputs, kernel, bias))
+            s = site.linear(x_, kernel, bias)
+            tangent = None if t_x is None else site.linear(t_x, kernel)
+            if t_kernel is not None or t_bias is not None:
+                tangent = _add(tangent, site.linear(x_, tf.zeros_like(kernel) if t_kernel is None else t_kernel,
+                                                    t_bias))
+            if id(site) in guessed:
+                y, draws[layer.name + (f"/{number}" if number else "")] = self._graph_guess(
+                    site, s, seeds[site.index], number)
+                if records is not None:
+                    records.append((site, inputs, y))
+                tangent = _add(tangent, y)
+            if tangent is not None:
+                s = s + tf.cast(injection, s.dtype) * tf.stop_gradient(tf.cast(tangent, s.dtype))
+            return site.activate(s)
 
         primals = [v.value for v in variables] + [injection]
         tangents = list(weight_tangents) + [tf.ones([])]
         with _forward_mode_through(model), tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
-            with self._graph_calls(guessing_call):
+            with self._model_calls(self.stack.linear_layers, linear_call):
                 output = model(x, training=training)
         return output, accumulator.jvp(output)
 
@@ -501,7 +528,7 @@ class GradientGuesser:
             (s,) = after(updates, [s])
             return site.activate(s)
 
-        with self._graph_calls(updating_call):
+        with self._model_calls(self.stack.graph_sites, updating_call):
             self.stack.layers[0](x, training=training)
 
     def _loss_head(self, loss_fn, y_pred):

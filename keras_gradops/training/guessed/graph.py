@@ -27,19 +27,20 @@ _CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 SITE_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense, *_CONVOLUTIONS)
 
 
-def is_linear_site(layer):
-    """Whether ``layer`` is a linear layer with trainable weights whose pre-activation a guess can reach."""
-    if not isinstance(layer, SITE_LAYERS) or not layer.trainable_weights:
-        return False
-    if getattr(layer, "quantization_mode", None) is not None:
+def is_linear_layer(layer):
+    """Whether ``layer`` computes ``activation(x K + b)`` with a matmul, einsum or convolution this module runs."""
+    if not isinstance(layer, SITE_LAYERS) or getattr(layer, "quantization_mode", None) is not None:
         return False
     return not (isinstance(layer, keras.layers.Conv1D) and layer.padding == "causal")
 
 
-def linear_sites(model):
-    """A :class:`LinearSite` for every linear layer with trainable weights in ``model``, nested ones included."""
-    layers = [layer for layer in all_layers(model) if is_linear_site(layer)]
-    return [LinearSite(layer, index) for index, layer in enumerate(layers)]
+def linear_layers(model):
+    """A :class:`LinearSite` for every linear layer of ``model`` (nested ones included), those with trainable
+    weights first (their ``index`` numbers them from 0; the others' is ``None``)."""
+    layers = [layer for layer in all_layers(model) if is_linear_layer(layer)]
+    trained = [layer for layer in layers if layer.trainable_weights]
+    return ([LinearSite(layer, index) for index, layer in enumerate(trained)]
+            + [LinearSite(layer, None) for layer in layers if not layer.trainable_weights])
 
 
 def activation_pull_back(activation, s, cotangent):
@@ -59,8 +60,9 @@ class LinearSite:
     """A linear layer of a model run by its own call: ``s = x K + b`` (matmul, einsum or convolution).
 
     Args:
-        layer: a layer for which :func:`is_linear_site` holds.
-        index: its position among the model's sites (its stream of random draws).
+        layer: a layer for which :func:`is_linear_layer` holds.
+        index: its position among the model's sites with trainable weights
+            (its stream of random draws), or ``None`` for a frozen layer.
 
     Attributes:
         variables: the layer's trainable weights, whose gradient the site guesses.
@@ -73,19 +75,28 @@ class LinearSite:
 
     def pre_activation(self, x):
         """``s``: the layer's output before its activation, with its current (LoRA-merged) kernel."""
+        return self.linear(x, self.layer.kernel, self.layer.bias)
+
+    def linear(self, x, kernel, bias=None):
+        """``x K + b`` for any ``K`` and ``b`` shaped as the layer's, in its compute dtype.
+
+        Linear in ``x`` and in ``(K, b)``: also the forward derivative,
+        ``linear(t_x, K)`` along an input tangent, ``linear(x, t_K, t_b)``
+        along a weight tangent.
+        """
         layer = self.layer
         dtype = layer.compute_dtype
         x = keras.ops.cast(x, dtype)
-        kernel = keras.ops.cast(layer.kernel, dtype)
+        kernel = keras.ops.cast(kernel, dtype)
         if isinstance(layer, keras.layers.Dense):
             s = keras.ops.matmul(x, kernel)
         elif isinstance(layer, keras.layers.EinsumDense):
             s = keras.ops.einsum(layer.equation, x, kernel)
         else:
             s = layer.convolution_op(x, kernel)
-        if layer.bias is None:
+        if bias is None:
             return s
-        bias = keras.ops.cast(layer.bias, dtype)
+        bias = keras.ops.cast(bias, dtype)
         if isinstance(layer, _CONVOLUTIONS) and layer.data_format == "channels_first":
             bias = keras.ops.reshape(bias, (1, -1) + (1,) * layer.rank)
         return keras.ops.add(s, bias)

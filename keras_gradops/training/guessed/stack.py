@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from keras_gradops.keras_internals import all_layers, node_inputs, producing_layer
 from keras_gradops.training.guessed import methods as m
-from keras_gradops.training.guessed.graph import activation_pull_back, linear_sites
+from keras_gradops.training.guessed.graph import activation_pull_back, linear_layers
 from keras_gradops.training.guessed.kernel_gradient import kernel_gradient
 
 # The normalisation layers the installed Keras has (an older Keras lacks the newer ones, RMSNormalization).
@@ -364,6 +364,9 @@ class LayerStack:
             model run as one layer, to ``True`` otherwise.
         sites: the :class:`Site` of every trainable Dense/Conv2D layer of a
             chain, in order (none for a model run as one layer).
+        linear_layers: for a model run as one layer, a
+            :class:`~keras_gradops.training.guessed.graph.LinearSite` for each
+            of its linear layers (their tangents are computed by hand).
         graph_sites: for an activation-space method on a model run as one
             layer, the :class:`~keras_gradops.training.guessed.graph.LinearSite`
             of every linear layer with trainable weights (none otherwise).
@@ -399,7 +402,9 @@ class LayerStack:
                 site = Site(layer, len(self.sites))
                 self.sites.append(site)
                 self._site_of[id(layer)] = site
-        self.graph_sites = linear_sites(model) if whole_model else []
+        # A model run by its own call: its linear layers, whose tangents a guessed step computes by hand.
+        self.linear_layers = [] if self.is_chain else linear_layers(model)
+        self.graph_sites = [site for site in self.linear_layers if site.index is not None] if whole_model else []
         batch_norm = [sub for layer in self.layers for sub in all_layers(layer, include_self=True)
                       if isinstance(sub, keras.layers.BatchNormalization)]
         self.couples_examples = bool(batch_norm)
