@@ -46,6 +46,8 @@ import subprocess
 import sys
 from importlib.metadata import version
 
+from peft_vit_probe import add_model_arguments
+
 PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peft_vit_probe.py")
 MODEL_ARGS = ("batch_size", "image_size", "patch_size", "hidden_dim", "num_heads", "mlp_dim", "num_classes")
 MEASURES = (("process_peak_bytes", "process"), ("allocator_peak_bytes", "allocator"),
@@ -62,13 +64,7 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration")
     parser.add_argument("--steps", type=int, default=3, help="steps per process, the first included")
     parser.add_argument("--xla-buffers", action="store_true", help="also read XLA's buffer assignment (XLA runs)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--hidden-dim", type=int, default=768)
-    parser.add_argument("--num-heads", type=int, default=12)
-    parser.add_argument("--mlp-dim", type=int, default=3072)
-    parser.add_argument("--num-classes", type=int, default=10)
+    add_model_arguments(parser)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per process")
     parser.add_argument("--json-out", help="also write every raw result to this file")
     return parser.parse_args()

@@ -48,13 +48,8 @@ PROMPT_TOKENS = 16
 LORA_RANK = 8
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", required=True,
-                        help="'forward', 'backprop' or a GuessedGradientModel method")
-    parser.add_argument("--peft", choices=["lora", "prompts"], required=True)
-    parser.add_argument("--jit-compile", choices=["true", "false"], required=True)
-    parser.add_argument("--depth", type=int, default=12)
+def add_model_arguments(parser):
+    """The ViT's and the batch's sizes (ViT-B/16, batch 8, by default); the driver passes them through."""
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--patch-size", type=int, default=16)
@@ -62,6 +57,16 @@ def parse_args():
     parser.add_argument("--num-heads", type=int, default=12)
     parser.add_argument("--mlp-dim", type=int, default=3072)
     parser.add_argument("--num-classes", type=int, default=10)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", required=True,
+                        help="'forward', 'backprop' or a GuessedGradientModel method")
+    parser.add_argument("--peft", choices=["lora", "prompts"], required=True)
+    parser.add_argument("--jit-compile", choices=["true", "false"], required=True)
+    parser.add_argument("--depth", type=int, default=12)
+    add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=3, help="steps (calls for 'forward'), the first included")
     parser.add_argument("--xla-buffers", action="store_true",
                         help="also report XLA's buffer assignment of the compiled step (jit_compile true only)")

@@ -357,9 +357,10 @@ def test_multi_worker_two_processes_end_with_the_same_weights(tmp_path):
 
 
 def test_fine_tuning_vit_cifar10_quick(tmp_path):
-    # Without XLA: ten short runs would each spend seconds compiling (XLA's step is tested in test_guessed_graphs).
-    outcome = fine_tuning_vit_cifar10.main(["--quick", "--no-jit-compile", "--out-dir", str(tmp_path),
-                                            "--verbose", "0"])
+    # Without XLA, three of the five methods: each short run's time is mostly tracing (every method's step, under
+    # XLA too, is tested in test_guessed_graphs and test_guessed_keras_hub).
+    outcome = fine_tuning_vit_cifar10.main(["--quick", "--no-jit-compile", "--out-dir", str(tmp_path), "--verbose",
+                                            "0", "--methods", "backprop", "directional_descent", "weight_transpose"])
     args, results, pretrained = outcome["args"], outcome["results"], outcome["pretrained_weights"]
     assert list(results) == ["lora", "prompts"] and 0.0 <= outcome["pretrain_accuracy"] <= 1.0
     # Trainable parameters counted by hand: only LoRA's factors on each block's query and value (Keras'
@@ -370,8 +371,7 @@ def test_fine_tuning_vit_cifar10_quick(tmp_path):
     expected = {"lora": args.num_layers * 2 * rank * (hidden * args.num_heads + hidden // args.num_heads) + head,
                 "prompts": args.prompts * hidden + head}
     for peft, methods in results.items():
-        assert list(methods) == ["backprop", "activation_perturbation", "directional_descent", "spsa",
-                                 "weight_transpose"]
+        assert list(methods) == ["backprop", "directional_descent", "weight_transpose"]
         for method, result in methods.items():
             if method == "weight_transpose" and result["unsupported"]:
                 # W^T pulls guesses back through the next kernel: a graph (ViT under a head) is refused.

@@ -12,6 +12,7 @@ import keras
 
 import keras_gradops as kgo
 from keras_gradops import GuessedGradientModel
+from test_guessed_graphs import double_tape_jvp
 
 pytestmark = pytest.mark.examples_extra
 MSE = keras.losses.MeanSquaredError()
@@ -23,17 +24,6 @@ def keras_hub():
     import keras_hub
 
     return keras_hub
-
-
-def double_tape_jvp(values_fn, variables, tangents):
-    """``J V`` of ``values_fn()`` in ``variables`` along ``tangents``, by two reverse passes."""
-    with tf.GradientTape() as outer:
-        with tf.GradientTape() as inner:
-            values = values_fn()
-        u = tf.zeros_like(values)
-        outer.watch(u)
-        pulled = [tf.convert_to_tensor(p) for p in inner.gradient(values, variables, output_gradients=u)]
-    return outer.gradient(pulled, u, output_gradients=tangents)
 
 
 def tiny_vit(keras_hub):
@@ -104,7 +94,7 @@ def gpt2(keras_hub):
     return net, {"token_ids": rng.integers(0, 30, (4, 6)).astype("int32"), "padding_mask": np.ones((4, 6), "int32")}
 
 
-@pytest.mark.parametrize("build", [vit_lora, vit_prompts, bert, gpt2])
+@pytest.mark.parametrize("build", [vit_lora, bert, gpt2])
 def test_directional_descent_per_example_derivatives_are_the_tapes(keras_hub, build):
     """Each example's directional derivative, weighted by its sample weight, equals the double-tape JVP's."""
     net, x = build(keras_hub)
@@ -122,7 +112,7 @@ def test_directional_descent_per_example_derivatives_are_the_tapes(keras_hub, bu
         np.testing.assert_allclose(got.numpy(), derivative * v.numpy(), rtol=2e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("build", [vit_lora, vit_prompts])
+@pytest.mark.parametrize("build", [bert_lora])
 def test_spsa_fit_moves_only_the_trainable_weights_by_the_central_difference(keras_hub, build):
     """One SGD step under Keras' default jit_compile: ``theta' - theta = -lr (grad L . z) z`` (z = +-1),
     frozen weights (the base kernels, the frozen backbone) bit-for-bit unchanged. (A small ``eps``: a random
@@ -147,7 +137,7 @@ def test_spsa_fit_moves_only_the_trainable_weights_by_the_central_difference(ker
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(frozen, net.non_trainable_variables))
 
 
-@pytest.mark.parametrize("build", [vit_lora, bert_lora])
+@pytest.mark.parametrize("build", [vit_lora])
 def test_activation_perturbation_step_under_xla_is_the_eager_guess(keras_hub, build):
     """Guesses at the backbone's own linear layers (LoRA's query and value, reached inside keras_hub's blocks):
     one SGD(1) step under XLA, with the second pass rebuilding every guess, moves the weights by the guess made

@@ -518,18 +518,25 @@ class GradientGuesser:
 
         def updating_call(site, inputs, number):
             s = site.pre_activation(inputs)
-            cotangent = None
-            for k, d in enumerate(ds):
-                y, _ = self._graph_guess(site, s, seeds[k, site.index], number)
-                cotangent = _add(cotangent, _times_per_example(d, y))
-            updates = site.weight_update(inputs, cotangent)
-            for v, grad in zip(site.variables, updates):
-                self._accumulate(gradients, v, grad)
-            (s,) = after(updates, [s])
+            s = self._rebuilt_update(site, inputs, s, ds, gradients,
+                                     lambda k: self._graph_guess(site, s, seeds[k, site.index], number))
             return site.activate(s)
 
         with self._model_calls(self.stack.graph_sites, updating_call):
             self.stack.layers[0](x, training=training)
+
+    def _rebuilt_update(self, site, x_in, s, ds, gradients, guess):
+        """Adds ``x_l^T (sum_k d_k * y_k)`` with ``y_k = guess(k)[0]`` (guess ``k``'s draw made again) to the
+        site's gradients; returns ``s``, available only once the update is made (one site's values at a time)."""
+        cotangent = None
+        for k, d in enumerate(ds):
+            y, _ = guess(k)
+            cotangent = _add(cotangent, _times_per_example(d, y))
+        updates = site.weight_update(x_in, cotangent)
+        for v, grad in zip(site.variables, updates):
+            self._accumulate(gradients, v, grad)
+        (s,) = after(updates, [s])
+        return s
 
     def _loss_head(self, loss_fn, y_pred):
         """``dL/dy_pred`` from the loss alone, and the exact gradient of weight regularizers."""
@@ -561,14 +568,8 @@ class GradientGuesser:
             if site not in self.guessed_sites:
                 return site.activate(s)
             next_site = self.stack.next_site(site)
-            cotangent = None
-            for k, d in enumerate(ds):
-                y, _ = self.method.guess(site, s, next_site, seeds[k, site.index], self.noise)
-                cotangent = _add(cotangent, _times_per_example(d, y))
-            updates = site.weight_update(x_in, cotangent)
-            for v, grad in zip(site.variables, updates):
-                self._accumulate(gradients, v, grad)
-            (s,) = after(updates, [s])
+            s = self._rebuilt_update(site, x_in, s, ds, gradients,
+                                     lambda k: self.method.guess(site, s, next_site, seeds[k, site.index], self.noise))
             return site.activate(s)
 
         self.stack.run(x_in, site_update, training, start=position)

@@ -56,6 +56,30 @@ def activation_pull_back(activation, s, cotangent):
     return tape.gradient(a, s, output_gradients=cotangent)
 
 
+def linear_map(layer, x, kernel, bias=None):
+    """``x K + b`` of a linear ``layer`` for any ``K`` and ``b`` shaped as its own, in its compute dtype.
+
+    Linear in ``x`` and in ``(K, b)``: also the forward derivative,
+    ``linear_map(layer, t_x, K)`` along an input tangent,
+    ``linear_map(layer, x, t_K, t_b)`` along a weight tangent.
+    """
+    dtype = layer.compute_dtype
+    x = keras.ops.cast(x, dtype)
+    kernel = keras.ops.cast(kernel, dtype)
+    if isinstance(layer, keras.layers.Dense):
+        s = keras.ops.matmul(x, kernel)
+    elif isinstance(layer, keras.layers.EinsumDense):
+        s = keras.ops.einsum(layer.equation, x, kernel)
+    else:
+        s = layer.convolution_op(x, kernel)
+    if bias is None:
+        return s
+    bias = keras.ops.cast(bias, dtype)
+    if isinstance(layer, _CONVOLUTIONS) and layer.data_format == "channels_first":
+        bias = keras.ops.reshape(bias, (1, -1) + (1,) * layer.rank)
+    return keras.ops.add(s, bias)
+
+
 class LinearSite:
     """A linear layer of a model run by its own call: ``s = x K + b`` (matmul, einsum or convolution).
 
@@ -78,28 +102,8 @@ class LinearSite:
         return self.linear(x, self.layer.kernel, self.layer.bias)
 
     def linear(self, x, kernel, bias=None):
-        """``x K + b`` for any ``K`` and ``b`` shaped as the layer's, in its compute dtype.
-
-        Linear in ``x`` and in ``(K, b)``: also the forward derivative,
-        ``linear(t_x, K)`` along an input tangent, ``linear(x, t_K, t_b)``
-        along a weight tangent.
-        """
-        layer = self.layer
-        dtype = layer.compute_dtype
-        x = keras.ops.cast(x, dtype)
-        kernel = keras.ops.cast(kernel, dtype)
-        if isinstance(layer, keras.layers.Dense):
-            s = keras.ops.matmul(x, kernel)
-        elif isinstance(layer, keras.layers.EinsumDense):
-            s = keras.ops.einsum(layer.equation, x, kernel)
-        else:
-            s = layer.convolution_op(x, kernel)
-        if bias is None:
-            return s
-        bias = keras.ops.cast(bias, dtype)
-        if isinstance(layer, _CONVOLUTIONS) and layer.data_format == "channels_first":
-            bias = keras.ops.reshape(bias, (1, -1) + (1,) * layer.rank)
-        return keras.ops.add(s, bias)
+        """:func:`linear_map` of this layer."""
+        return linear_map(self.layer, x, kernel, bias)
 
     def activate(self, s):
         """The layer's output ``activation(s)``."""

@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from keras_gradops.keras_internals import all_layers, node_inputs, producing_layer
 from keras_gradops.training.guessed import methods as m
-from keras_gradops.training.guessed.graph import activation_pull_back, linear_layers
+from keras_gradops.training.guessed.graph import activation_pull_back, linear_layers, linear_map
 from keras_gradops.training.guessed.kernel_gradient import kernel_gradient
 
 # The normalisation layers the installed Keras has (an older Keras lacks the newer ones, RMSNormalization).
@@ -103,24 +103,10 @@ class Site:
 
         The layer's map is linear in ``x`` and in ``(K, b)``, so this is also
         its forward derivative: ``linear(t_x, W)`` along an input tangent,
-        ``linear(x, V_W, V_b)`` along a weight tangent.
+        ``linear(x, V_W, V_b)`` along a weight tangent
+        (:func:`~keras_gradops.training.guessed.graph.linear_map`).
         """
-        dtype = self.layer.compute_dtype
-        x = keras.ops.cast(x, dtype)
-        kernel = keras.ops.cast(kernel, dtype)
-        if self.is_dense:
-            s = keras.ops.matmul(x, kernel)
-        else:
-            s = self.layer.convolution_op(x, kernel)
-        if bias is None:
-            return s
-        bias = keras.ops.cast(bias, dtype)
-        if not self.is_dense:
-            rank = self.layer.rank
-            channels_last = self.layer.data_format == "channels_last"
-            shape = (1,) * (rank + 1) + (self.units,) if channels_last else (1, self.units) + (1,) * rank
-            bias = keras.ops.reshape(bias, shape)
-        return keras.ops.add(s, bias)
+        return linear_map(self.layer, x, kernel, bias)
 
     def activate(self, s):
         """The layer's output ``activation(s)``."""
